@@ -1,0 +1,1 @@
+"""Control loop (sync/async), action-chunk queue, timing, metrics, reports."""
