@@ -1,0 +1,274 @@
+"""`vla-runtime <verb>`: eval, collect, train, bench, list, robot, keys.
+
+Every verb is a typed function; tyro turns its signature and docstring into flags and help. A `UserError`
+anywhere becomes one line on stderr and exit code 2: no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from vla_runtime.errors import UserError
+
+Clock = Literal["unpaced", "sim", "wall"]
+
+
+def _split(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def eval(  # noqa: A001 - the verb is `eval`
+    env: str = "robosuite:Lift",
+    policy: str = "scripted",
+    episodes: int = 10,
+    seed: int = 0,
+    out: Path | None = None,
+    task: str = "",
+    paced: bool = False,
+    clock: Clock | None = None,
+    mode: Literal["sync", "async"] = "sync",
+    n_action_steps: int | None = None,
+    async_trigger: int = 2,
+    blend: Literal["latest", "weighted"] = "latest",
+    future_state: bool = True,
+    video: int = 0,
+    resume: bool = False,
+    device: str = "cpu",
+    accel: str = "",
+    sampler: str | None = None,
+    threads: int | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    max_steps: int | None = None,
+) -> None:
+    """Run closed-loop episodes of POLICY on ENV; write episodes.jsonl and eval_info.json to OUT.
+
+    Args:
+        env: robosuite:Lift|Stack|PickPlaceCan, libero:<suite> (all 10 tasks), libero:<suite>/<i>, remote:tcp://HOST:PORT.
+        policy: scripted, diffusion:<shipped name or dir>, vla:<shipped name or dir> (see `vla-runtime list`).
+        episodes: episodes per task.
+        seed: first seed; robosuite episode i uses seed+i, LIBERO episode i uses init state (seed+i) mod 50.
+        out: output directory (default outputs/eval-<time>).
+        task: comma-separated task ids to restrict to (e.g. libero_object/3).
+        paced: real-time control at the env rate in simulated time (same as --clock sim).
+        clock: unpaced (as fast as possible), sim (real time, simulated clock), wall (real time, wall clock).
+        mode: sync (infer when the chunk is used up) or async (infer the next chunk while executing).
+        n_action_steps: actions executed per chunk (default: the policy's).
+        async_trigger: async: start inferring when this many queued actions remain.
+        blend: how a new chunk merges with queued actions.
+        future_state: async: condition on the state rolled forward over the inference latency.
+        video: save mp4s of the first K episodes of each task (outcome in the file name).
+        resume: continue a killed run in OUT, skipping recorded episodes.
+        device: torch device for learned policies (cpu, cuda, cuda:1).
+        accel: comma-separated accelerations for VLAs: specprune, earlyexit.
+        sampler: diffusion sampler: ddpm, ddim<k>, step<k>, predictor.
+        threads: torch intra-op threads.
+        workers: run episodes in N local worker processes.
+        ray: run episodes as Ray tasks: 'local' or a cluster address.
+        max_steps: override the task's max steps.
+    """
+    from vla_runtime.runtime.evaluate import EvalConfig, evaluate, format_table
+    from vla_runtime.runtime.loop import LoopConfig
+
+    clk: Clock = clock or ("sim" if paced else "unpaced")
+    if mode == "async" and clk == "unpaced":
+        raise UserError("--mode async needs a paced clock: add --paced (or --clock sim|wall)")
+    loop = LoopConfig(clock=clk, mode=mode, n_action_steps=n_action_steps, async_trigger=async_trigger, blend=blend,
+                      future_state=future_state, max_steps=max_steps)
+    cfg = EvalConfig(env=env, policy=policy, episodes=episodes, seed=seed, out=out, tasks=_split(task), loop=loop,
+                     video=video, resume=resume, device=device, accel=_split(accel), sampler=sampler,
+                     threads=threads)
+    if workers > 1 or ray:
+        from vla_runtime.runtime.parallel import evaluate_parallel
+
+        info = evaluate_parallel(cfg, workers=workers, ray_address=ray)
+    else:
+        info = evaluate(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("VLA_PROGRESS")))
+    print(format_table(info))
+    agg = info["aggregated"]
+    print(f"success {agg['success_pct']}% over {agg['episodes']} episodes; loop {agg['loop_hz']} Hz; "
+          f"results in {info['out_dir']}/eval_info.json")
+
+
+def collect(
+    env: str,
+    episodes: int,
+    out: Path,
+    seed: int = 100_000,
+    workers: int = 1,
+    image_size: int = 128,
+    task: str = "",
+    max_attempts_factor: float = 2.0,
+) -> None:
+    """Record successful scripted-expert demos (images, state, actions, instruction, seed) as HDF5 files in OUT.
+
+    Resumable: re-running the same command continues where it stopped. LIBERO demos use freshly sampled
+    placements, never the benchmark init states.
+
+    Args:
+        env: env name, as for eval.
+        episodes: successful demos wanted per task.
+        out: directory for the demo files.
+        seed: first seed (each task gets its own range seed + 10000 * task_index + i).
+        workers: parallel worker processes.
+        image_size: camera resolution.
+        task: comma-separated task ids to restrict to.
+        max_attempts_factor: give up on a task after episodes * factor attempts.
+    """
+    from vla_runtime.train.collect import CollectConfig
+    from vla_runtime.train.collect import collect as run
+
+    res = run(CollectConfig(env=env, episodes=episodes, out=out, seed=seed, workers=workers, image_size=image_size,
+                            tasks=_split(task), max_attempts_factor=max_attempts_factor),
+              progress=sys.stderr.isatty() or bool(os.environ.get("VLA_PROGRESS")))
+    print(json.dumps(res, indent=1))
+    if res.get("short"):
+        print(f"warning: tasks short of {episodes} demos after the attempt budget: {res['short']}", file=sys.stderr)
+
+
+def train(
+    policy: Literal["diffusion", "vla", "exit-predictors"],
+    data: str,
+    out: Path,
+    steps: int = 20_000,
+    batch_size: int = 64,
+    resume: bool = True,
+    threads: int | None = None,
+    mode: Literal["parallel", "ar"] = "parallel",
+    checkpoint: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Train a policy on demo directories (comma-separated DATA) into OUT; resumable.
+
+    Args:
+        policy: diffusion, vla, or exit-predictors (early-exit predictors for a trained VLA CHECKPOINT).
+        data: comma-separated demo directories.
+        out: checkpoint directory.
+        steps: optimisation steps.
+        batch_size: batch size.
+        resume: continue from OUT's last checkpoint if present.
+        threads: torch intra-op threads.
+        mode: vla decoding mode: parallel (OFT-style chunk, L1) or ar (OpenVLA-style action tokens).
+        checkpoint: the VLA checkpoint to train exit predictors for.
+        device: torch device.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    dirs = [Path(d) for d in _split(data)]
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"demo directory {d} does not exist")
+    if policy == "diffusion":
+        from vla_runtime.train.train_diffusion import train_diffusion
+
+        train_diffusion(dirs if len(dirs) > 1 else dirs[0], out, steps=steps, batch_size=batch_size, resume=resume)
+    elif policy == "vla":
+        from vla_runtime.train.train_vla import train_vla
+
+        train_vla(dirs, out, mode=mode, steps=steps, batch_size=batch_size, resume=resume)
+    else:
+        if not checkpoint:
+            raise UserError("--checkpoint is required for exit-predictors")
+        from vla_runtime.policies.vla.early_exit import train_exit_predictors
+
+        train_exit_predictors(checkpoint, dirs, out, device=device)
+
+
+def list_() -> None:
+    """List envs and policies (shipped checkpoints included)."""
+    from vla_runtime.envs import list_envs
+    from vla_runtime.policies import list_policies
+
+    print("envs:")
+    for e in list_envs():
+        print(f"  {e}")
+    print("policies:")
+    for p in list_policies():
+        print(f"  {p}")
+
+
+def robot(
+    env: str,
+    bind: str = "tcp://127.0.0.1:5555",
+    keys: Path | None = None,
+    lockstep: bool = False,
+    max_action_age_ms: float = 150.0,
+) -> None:
+    """Start a robot agent backed by a simulator env; the runtime connects with --env remote:<bind address>.
+
+    Args:
+        env: simulator env name backing the agent (as for eval).
+        bind: ZeroMQ address to bind (loopback by default; non-loopback requires --keys).
+        keys: directory with CurveZMQ keys from `vla-runtime keys`.
+        lockstep: advance the simulator one tick per received action (bit-identical to in-process eval).
+        max_action_age_ms: actions older than this are dropped as stale.
+    """
+    from vla_runtime.bridges.agent import run_robot_agent
+
+    run_robot_agent(env=env, bind=bind, keys_dir=str(keys) if keys else None, lockstep=lockstep,
+                    max_action_age_ms=max_action_age_ms)
+
+
+def keys(out: Path) -> None:
+    """Generate CurveZMQ key pairs for the robot agent (server) and the runtime (client) in OUT."""
+    from vla_runtime.bridges.keys import generate_keys
+
+    paths = generate_keys(str(out))
+    print(json.dumps({k: str(v) for k, v in dict(paths).items()} if isinstance(paths, dict) else str(paths), indent=1))
+
+
+def bench(
+    name: Literal["loop", "step", "vla", "specprune", "earlyexit", "bridge", "async", "kernels", "render"],
+    env: str = "",
+    policy: str = "",
+    episodes: int = 5,
+    seed: int = 0,
+    out: Path | None = None,
+    steps: int = 200,
+    threads: int | None = None,
+) -> None:
+    """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
+
+    Args:
+        name: which benchmark.
+        env: env name (each benchmark has a default).
+        policy: policy name (each benchmark has a default).
+        episodes: episodes per method.
+        seed: first seed.
+        out: output directory for bench.json.
+        steps: steps for micro-benchmarks.
+        threads: torch intra-op threads.
+    """
+    from vla_runtime.runtime.bench import run_bench
+
+    res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
+                    threads=threads)
+    if out is None:
+        print(json.dumps(res, indent=1, default=str)[:4000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    verbs = {"eval": eval, "collect": collect, "train": train, "bench": bench, "list": list_, "robot": robot,
+             "keys": keys}
+    try:
+        tyro.extras.subcommand_cli_from_dict(verbs, prog="vla-runtime", args=argv,
+                                             description="Real-time robot control runtime for VLAs and diffusion policies.")
+    except UserError as e:
+        print(f"vla-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vla-runtime: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

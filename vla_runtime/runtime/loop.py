@@ -1,0 +1,327 @@
+"""The control loop: one episode of env <-> policy, sync or async, on one of three clocks.
+
+Clocks
+  unpaced  as fast as possible: inference is instantaneous in env time (evaluation of success).
+  sim      paced in simulated real time: the world advances one control period per tick and the runtime's
+           compute time (inference, loop overhead) is charged against it, while the simulator's own step time
+           is not (a real robot's controller runs in parallel with us; a CPU simulator would otherwise look
+           like a slow robot). An inference of X ms started after observation k is ready for tick
+           k + ceil(X / P) - 1 (the observation arrives at the start of a period, the action is due at its
+           end); every tick with nothing queued is a deadline miss and the robot holds. This is a discrete-
+           event simulation of real time: exact, deterministic given latencies, and it wastes no wall time.
+  wall     paced by the wall clock (real robots, the bridge): inference runs in a worker thread, the loop
+           sleeps until each tick's deadline and holds when no action is ready.
+
+Modes
+  sync     infer when the queue is empty; execute n_action_steps of the chunk.
+  async    start the next inference when the queue depth drops to `async_trigger` while the current chunk
+           executes (after VLASH). With `future_state`, the observation's state is rolled forward by the actions
+           that will execute during the expected inference latency, and the chunk is aligned to start at that
+           future tick; actions whose tick has passed when the chunk arrives are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from vla_runtime.envs.base import Env, EpisodeSpec, check_action
+from vla_runtime.runtime.queue import ActionQueue, BlendMode
+from vla_runtime.runtime.types import ActionChunk, Observation, Policy
+
+Clock = Literal["unpaced", "sim", "wall"]
+Mode = Literal["sync", "async"]
+
+# OSC_POSE delta: metres / radians per unit action (robosuite & LIBERO defaults), for future-state roll-forward.
+DEFAULT_DELTA_SCALE = (0.05, 0.05, 0.05, 0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How the runtime drives one episode."""
+
+    clock: Clock = "unpaced"
+    mode: Mode = "sync"
+    n_action_steps: int | None = None  # actions executed per chunk (sync); None: the policy's spec
+    async_trigger: int = 2  # async: start the next inference when this many actions (or fewer) remain queued
+    blend: BlendMode = "latest"  # how an arriving chunk merges with queued actions
+    blend_new_weight: float = 0.5
+    future_state: bool = True  # async: condition on the state rolled forward over the expected latency
+    delta_scale: tuple[float, ...] = DEFAULT_DELTA_SCALE
+    max_steps: int | None = None  # None: the task's max_steps
+    record_camera: str | None = None  # camera whose frames are kept for video
+    latency_ms: float | None = None  # sim clock: charge this instead of the measured inference time (tests)
+
+    def __post_init__(self) -> None:
+        if self.clock not in ("unpaced", "sim", "wall"):
+            raise ValueError(f"clock must be unpaced, sim or wall, got {self.clock!r}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"mode must be sync or async, got {self.mode!r}")
+        if self.async_trigger < 0:
+            raise ValueError("async_trigger must be >= 0")
+        if self.mode == "async" and self.clock == "unpaced":
+            raise ValueError("async inference needs a paced clock (sim or wall): unpaced inference is instantaneous")
+
+
+@dataclass
+class TickRecord:
+    step: int
+    action_ready: bool  # False: deadline miss, the robot held
+    queue_depth: int  # actions queued after this tick's pop
+    inference_ms: float | None  # set on the tick an inference result arrived
+    tick_ms: float  # wall time of the whole tick (incl. env step)
+    overhead_ms: float  # wall time of the tick minus env step and inference
+
+
+@dataclass
+class EpisodeResult:
+    spec: EpisodeSpec
+    success: bool
+    steps: int
+    ticks: list[TickRecord]
+    inference_ms: list[float]
+    reaction_ms: list[float]  # obs capture -> first executed action computed from it (sim/wall clock time)
+    chunk_infos: list[dict[str, Any]]
+    wall_s: float
+    frames: list[np.ndarray] = field(default_factory=list)
+    chunk_switches: int = 0
+    dropped_actions: int = 0
+
+    @property
+    def deadline_misses(self) -> int:
+        return sum(not t.action_ready for t in self.ticks)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON line written to episodes.jsonl."""
+        from vla_runtime.runtime.metrics import percentiles
+
+        inf = percentiles(self.inference_ms)
+        ovh = percentiles([t.overhead_ms for t in self.ticks])
+        rec: dict[str, Any] = {
+            **self.spec.to_dict(),
+            "success": bool(self.success),
+            "steps": self.steps,
+            "inferences": len(self.inference_ms),
+            "deadline_misses": self.deadline_misses,
+            "wall_s": round(self.wall_s, 4),
+            "loop_hz": round(self.steps / self.wall_s, 3) if self.wall_s > 0 else None,
+            "inference_ms": [round(x, 3) for x in self.inference_ms],
+            "inference_ms_p50": inf["p50"],
+            "inference_ms_p95": inf["p95"],
+            "overhead_ms_p50": ovh["p50"],
+            "overhead_ms_p99": ovh["p99"],
+            "reaction_ms_mean": float(np.mean(self.reaction_ms)) if self.reaction_ms else None,
+            "chunk_switches": self.chunk_switches,
+            "dropped_actions": self.dropped_actions,
+            "stall_ticks": self.deadline_misses,
+        }
+        rec["accel"] = summarize_chunk_infos(self.chunk_infos)
+        return rec
+
+
+def summarize_chunk_infos(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every numeric field policies report per chunk (tokens kept, exit layer, denoise steps...)."""
+    keys: dict[str, list[float]] = {}
+    for info in infos:
+        for k, v in info.items():
+            if isinstance(v, (bool, int, float, np.integer, np.floating)) and not isinstance(v, str):
+                keys.setdefault(k, []).append(float(v))
+    return {f"mean_{k}": round(float(np.mean(v)), 4) for k, v in keys.items()}
+
+
+class _Inference:
+    """One inference at a time; result readiness measured in ticks (sim) or wall time (wall)."""
+
+    def __init__(self, policy: Policy, cfg: LoopConfig, period_s: float) -> None:
+        self.policy = policy
+        self.cfg = cfg
+        self.period_s = period_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vla-infer") if cfg.clock == "wall" else None
+        self._future: Future[ActionChunk] | None = None
+        self._ready_tick: int | None = None
+        self._result: ActionChunk | None = None
+        self._start_tick = 0
+        self._lead = 0
+        self._ms = 0.0
+        self._t0 = 0.0
+        self.recent_latency_ticks: list[int] = []
+
+    @property
+    def busy(self) -> bool:
+        return self._future is not None or self._result is not None
+
+    def start(self, obs: Observation, tick: int, lead: int) -> None:
+        """Infer from `obs` (captured just before `tick`); the chunk's first action is meant for tick + lead."""
+        self._start_tick, self._lead = tick, lead
+        if self._pool is not None:
+            self._t0 = time.perf_counter()
+            self._future = self._pool.submit(self.policy.act, obs)
+            return
+        t0 = time.perf_counter()
+        self._result = self.policy.act(obs)
+        self._ms = (time.perf_counter() - t0) * 1e3
+        if self.cfg.clock == "unpaced":
+            self._ready_tick = tick
+        else:
+            ms = self._ms if self.cfg.latency_ms is None else self.cfg.latency_ms
+            self._ready_tick = tick + max(0, math.ceil(ms / (self.period_s * 1e3) - 1e-9) - 1)
+
+    def poll(self, tick: int) -> tuple[ActionChunk, float, int, int] | None:
+        """(chunk, inference ms, start tick, lead) if the in-flight inference is ready for `tick`."""
+        if self._future is not None:
+            if not self._future.done():
+                return None
+            self._ms = (time.perf_counter() - self._t0) * 1e3
+            chunk = self._future.result()  # re-raises a policy error in the loop thread
+            self._future = None
+            self.recent_latency_ticks.append(max(0, tick - self._start_tick))
+            return chunk, self._ms, self._start_tick, self._lead
+        if self._result is not None and self._ready_tick is not None and tick >= self._ready_tick:
+            chunk, self._result = self._result, None
+            self.recent_latency_ticks.append(self._ready_tick - self._start_tick)
+            return chunk, self._ms, self._start_tick, self._lead
+        return None
+
+    def expected_latency_ticks(self) -> int:
+        r = self.recent_latency_ticks[-5:]
+        return int(np.max(r)) if r else 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def roll_state_forward(state: np.ndarray, pending: np.ndarray, delta_scale: tuple[float, ...]) -> np.ndarray:
+    """Future-state awareness for delta actions: state + the motion of the actions that execute meanwhile.
+
+    state: (S,) with eef pos (3) + axis-angle (3) first; pending: (n, A) delta actions. Rotation deltas are
+    added in axis-angle space (first order, exact for the small per-step rotations of OSC deltas).
+    """
+    s = np.array(state, dtype=np.float32, copy=True)
+    if pending.size == 0:
+        return s
+    k = min(len(delta_scale), s.shape[0], pending.shape[1] - 1)
+    s[:k] += pending[:, :k].sum(axis=0) * np.asarray(delta_scale[:k], np.float32)
+    return s
+
+
+def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig = LoopConfig(),
+                on_tick: Callable[[TickRecord], None] | None = None) -> EpisodeResult:
+    """Run one episode; returns its result (never raises for a failed episode; raises on broken inputs)."""
+    task = env.task_info(episode.task)
+    max_steps = cfg.max_steps or task.max_steps
+    period_s = 1.0 / env.spec.control_hz
+    n_exec = cfg.n_action_steps or policy.spec.n_action_steps
+    if policy.spec.action_dim != env.spec.action_dim:
+        from vla_runtime.errors import UserError
+
+        raise UserError(f"policy {policy.spec.name} outputs {policy.spec.action_dim}-d actions, "
+                        f"env {env.spec.name} takes {env.spec.action_dim}-d")
+    queue = ActionQueue(cfg.blend, cfg.blend_new_weight)
+    infer = _Inference(policy, cfg, period_s)
+    hold = env.hold_action()
+    ticks: list[TickRecord] = []
+    inference_ms: list[float] = []
+    reaction_ms: list[float] = []
+    infos: list[dict[str, Any]] = []
+    frames: list[np.ndarray] = []
+    awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
+    switches = dropped = 0
+
+    wall0 = time.perf_counter()
+    obs = env.reset(episode)
+    policy.reset(obs.instruction)
+    t_start = time.perf_counter()
+    success = False
+    step = 0
+    try:
+        while step < max_steps:
+            t_tick = time.perf_counter()
+            if cfg.record_camera is not None and cfg.record_camera in obs.images:
+                frames.append(obs.images[cfg.record_camera])
+            inf_this_tick: float | None = None
+            inf_wall = 0.0
+
+            def _collect() -> None:
+                nonlocal inf_this_tick, switches, dropped
+                got = infer.poll(step)
+                if got is None:
+                    return
+                chunk, ms, start_tick, lead = got
+                acts = chunk.actions
+                if acts.shape[1] != env.spec.action_dim:
+                    from vla_runtime.errors import UserError
+
+                    raise UserError(f"policy returned actions of dim {acts.shape[1]}, env takes {env.spec.action_dim}")
+                if cfg.mode == "sync":
+                    acts = acts[:n_exec]
+                    first = step  # the robot held while we inferred: the chunk starts now
+                else:
+                    first = start_tick + lead
+                if queue.depth(step) > 0:
+                    switches += 1
+                dropped += queue.put(acts, first, step)
+                inference_ms.append(ms)
+                infos.append(chunk.info)
+                inf_this_tick = ms
+                awaiting_reaction.append((start_tick, max(first, step)))
+
+            _collect()
+            depth = queue.depth(step)
+            want = depth == 0 if cfg.mode == "sync" else depth <= cfg.async_trigger
+            if want and not infer.busy:
+                t_inf = time.perf_counter()
+                lead = 0
+                o = obs
+                if cfg.mode == "async":
+                    lead = infer.expected_latency_ticks() if cfg.future_state else 0
+                    if cfg.future_state and lead > 0:
+                        pend = queue.pending(step)[:lead]
+                        o = dataclasses.replace(obs, state=roll_state_forward(obs.state, pend, cfg.delta_scale))
+                infer.start(o, step, lead)
+                _collect()
+                inf_wall = (time.perf_counter() - t_inf) * 1e3 if cfg.clock != "wall" else 0.0
+
+            action = queue.pop(step)
+            ready = action is not None
+            if action is None:
+                action = hold
+            else:
+                action = check_action(action, env.spec)
+            while awaiting_reaction and awaiting_reaction[0][1] <= step and ready:
+                obs_tick, _ = awaiting_reaction.pop(0)
+                reaction_ms.append((step - obs_tick + 1) * period_s * 1e3)
+            sleep_ms = 0.0
+            if cfg.clock == "wall":
+                delay = t_start + (step + 1) * period_s - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                    sleep_ms = delay * 1e3
+            t_env = time.perf_counter()
+            res = env.step(action)
+            env_ms = (time.perf_counter() - t_env) * 1e3
+            obs = res.obs
+            step += 1
+            tick_ms = (time.perf_counter() - t_tick) * 1e3
+            rec = TickRecord(step=step, action_ready=ready, queue_depth=queue.depth(step),
+                             inference_ms=inf_this_tick, tick_ms=tick_ms,
+                             overhead_ms=max(0.0, tick_ms - env_ms - inf_wall - sleep_ms))
+            ticks.append(rec)
+            if on_tick is not None:
+                on_tick(rec)
+            if res.success:
+                success = True
+            if res.done:
+                break
+    finally:
+        infer.close()
+    return EpisodeResult(spec=episode, success=success, steps=step, ticks=ticks, inference_ms=inference_ms,
+                         reaction_ms=reaction_ms, chunk_infos=infos, wall_s=time.perf_counter() - wall0,
+                         frames=frames, chunk_switches=switches, dropped_actions=dropped)

@@ -1,0 +1,186 @@
+"""Collect scripted-expert demonstrations into per-episode HDF5 files, in parallel worker processes.
+
+Seeds: demos use seeds from `seed` upward (default 100000, far from evaluation seeds 0-999) and, on LIBERO,
+freshly sampled placements (init_state=None), never the benchmark init states. Every attempted seed is logged to
+`attempts.jsonl` (success or not), so a resumed run neither repeats a recorded demo nor retries a failed seed.
+Workers are spawned (not forked: MuJoCo/EGL contexts and torch threads do not survive fork), each builds its env
+once per task and writes its own files atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_runtime.envs.base import EpisodeSpec
+from vla_runtime.errors import UserError
+from vla_runtime.train.demos import Demo, write_demo
+
+DEFAULT_DEMO_SEED = 100_000
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    env: str
+    episodes: int  # successful demos per task
+    out: Path
+    seed: int = DEFAULT_DEMO_SEED
+    workers: int = 1
+    image_size: int = 128
+    cameras: tuple[str, ...] = ()
+    max_attempts_factor: float = 2.0  # give up on a task after episodes * factor attempts
+    tasks: tuple[str, ...] = ()
+
+
+def _attempted(out: Path) -> dict[tuple[str, int], bool]:
+    done: dict[tuple[str, int], bool] = {}
+    p = out / "attempts.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                done[(r["task"], int(r["seed"]))] = bool(r["success"])
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return done
+
+
+def rollout_demo(env: Any, spec: EpisodeSpec) -> tuple[Demo | None, int]:
+    """Run the scripted expert for `spec`; returns (demo if successful, steps)."""
+    from vla_runtime.policies.scripted import make_expert
+
+    obs = env.reset(spec)
+    expert = make_expert(spec.task)
+    max_steps = env.task_info(spec.task).max_steps
+    imgs: dict[str, list[np.ndarray]] = {c: [] for c in obs.images}
+    states, actions = [], []
+    for _ in range(max_steps):
+        a = np.asarray(expert(obs), dtype=np.float32)
+        for c, im in obs.images.items():
+            imgs[c].append(im)
+        states.append(obs.state)
+        actions.append(a)
+        res = env.step(a)
+        obs = res.obs
+        if res.success:
+            demo = Demo(env=env.spec.name, task=spec.task, instruction=obs.instruction, seed=spec.seed,
+                        actions=np.stack(actions), states=np.stack(states),
+                        images={c: np.stack(v) for c, v in imgs.items()}, control_hz=env.spec.control_hz)
+            return demo, len(actions)
+        if res.done:
+            break
+    return None, len(actions)
+
+
+def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from vla_runtime.envs import make_env
+
+    env = make_env(cfg.env, cameras=cfg.cameras or None, image_size=cfg.image_size, render=True)
+    try:
+        for task, seed in jobs:
+            spec = EpisodeSpec(env=env.spec.name, task=task, index=0, seed=seed, init_state=None)
+            t0 = time.perf_counter()
+            try:
+                demo, steps = rollout_demo(env, spec)
+            except Exception as e:  # noqa: BLE001 - a sim crash on one seed: report it, keep collecting
+                q.put(("attempt", {"task": task, "seed": seed, "success": False, "error": f"{type(e).__name__}: {e}"}))
+                continue
+            if demo is not None:
+                write_demo(cfg.out, demo)
+            q.put(("attempt", {"task": task, "seed": seed, "success": demo is not None, "steps": steps,
+                               "seconds": round(time.perf_counter() - t0, 2), "worker": wid}))
+    finally:
+        env.close()
+        q.put(("exit", wid))
+
+
+def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
+    """Collect until each task has `episodes` demos (or its attempt budget is spent). Resumable."""
+    from vla_runtime.envs import make_env
+
+    if cfg.episodes < 1:
+        raise UserError("--episodes must be >= 1")
+    if cfg.workers < 1:
+        raise UserError("--workers must be >= 1")
+    probe = make_env(cfg.env, render=False)
+    tasks = [t.task for t in probe.tasks() if not cfg.tasks or t.task in cfg.tasks]
+    probe.close()
+    if not tasks:
+        raise UserError(f"no tasks selected in {cfg.env}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    attempted = _attempted(out)
+    budget = int(np.ceil(cfg.episodes * cfg.max_attempts_factor))
+    # Each task gets its own seed range so that adding tasks later never changes another task's seeds.
+    jobs: list[tuple[str, int]] = []
+    have: dict[str, int] = {}
+    for ti, task in enumerate(tasks):
+        base = cfg.seed + ti * 10_000
+        got = sum(1 for (t, s), ok in attempted.items() if t == task and ok)
+        have[task] = got
+        need = cfg.episodes - got
+        tried = sum(1 for (t, _s) in attempted if t == task)
+        seeds = [base + i for i in range(budget) if (task, base + i) not in attempted]
+        # Speculatively schedule a few extra seeds for expected failures; the main loop stops early.
+        jobs += [(task, s) for s in seeds[: max(0, min(len(seeds), budget - tried, int(need * 1.15) + 2))]] if need > 0 else []
+    if not jobs:
+        return {"demos": have, "out": str(out)}
+    # Round-robin over workers, grouped by task so each worker builds few envs.
+    shards: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
+    for i, job in enumerate(jobs):
+        shards[i % cfg.workers].append(job)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(w, cfg, shard, q), daemon=True) for w, shard in enumerate(shards) if shard]
+    for p in procs:
+        p.start()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.episodes * len(tasks), initial=sum(have.values()), desc=f"collect {cfg.env}", unit="demo")
+    alive = len(procs)
+    log = (out / "attempts.jsonl").open("a")
+    n_attempts = n_ok = 0
+    try:
+        while alive:
+            try:
+                kind, payload = q.get(timeout=5.0)
+            except Exception:  # queue.Empty: check for dead workers
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if kind == "exit":
+                alive -= 1
+                continue
+            log.write(json.dumps(payload) + "\n")
+            log.flush()
+            n_attempts += 1
+            if payload["success"]:
+                have[payload["task"]] += 1
+                n_ok += 1
+                if bar is not None:
+                    bar.update(1)
+            if payload.get("error"):
+                print(f"seed {payload['seed']} of {payload['task']} errored: {payload['error']}", file=sys.stderr)
+            if all(have[t] >= cfg.episodes for t in tasks):
+                break
+    finally:
+        log.close()
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=10)
+        if bar is not None:
+            bar.close()
+    short = {t: n for t, n in have.items() if n < cfg.episodes}
+    return {"demos": have, "attempts": n_attempts, "successes": n_ok, "short": short, "out": str(out)}
