@@ -66,6 +66,15 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 continue  # a torn last line from a killed run: that episode is simply re-run on resume
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so the next append starts on a fresh line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as f:
+            f.truncate(len(keep))
+
+
 def append_record(path: Path, rec: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(rec, default=_json_default) + "\n")
@@ -99,6 +108,7 @@ def prepare_out_dir(cfg: EvalConfig, specs: list[EpisodeSpec]) -> tuple[Path, se
             if prev is not None and config_hash(prev) != config_hash(json.loads(json.dumps(ident, default=str))):
                 raise UserError(f"--resume: {out} was run with a different configuration ({run_json}); "
                                 "use another --out")
+        _drop_torn_tail(jsonl)
         done = {r["key"] for r in _iter_jsonl(jsonl) if "key" in r}
     run_json.write_text(json.dumps({"identity": ident, "config_hash": config_hash(ident), "episodes": cfg.episodes,
                                     "seed": cfg.seed, "specs": [s.to_dict() for s in specs],
