@@ -182,7 +182,7 @@ def aggregate(records: Iterable[dict[str, Any]], control_hz: float | None = None
 
 
 def build_eval_info(out: Path, cfg: EvalConfig, specs: list[EpisodeSpec], control_hz: float | None,
-                    machine: dict[str, Any] | None = None) -> dict[str, Any]:
+                    machine: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     keys = {s.key() for s in specs}
     latest: dict[str, dict[str, Any]] = {}
     for r in _iter_jsonl(out / "episodes.jsonl"):
@@ -191,7 +191,8 @@ def build_eval_info(out: Path, cfg: EvalConfig, specs: list[EpisodeSpec], contro
     recs = [latest[s.key()] for s in specs if s.key() in latest]
     agg = aggregate(recs, control_hz)
     info = {"config": cfg.identity(), "config_hash": config_hash(cfg.identity()), "machine": machine or machine_info(),
-            "per_episode": recs, **agg, "missing_episodes": [s.key() for s in specs if s.key() not in latest]}
+            "per_episode": recs, **agg, "missing_episodes": [s.key() for s in specs if s.key() not in latest],
+            **(extra or {})}
     tmp = out / "eval_info.json.tmp"
     tmp.write_text(json.dumps(info, indent=1, default=_json_default))
     os.replace(tmp, out / "eval_info.json")
