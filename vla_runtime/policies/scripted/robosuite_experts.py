@@ -140,8 +140,12 @@ class PickExpert(_Base):
     def obj_yaw(self, obs: Observation) -> float | None:
         return yaw_of(obs.privileged[f"{self.obj_key}_quat"])
 
+    def pick_yaw(self, obs: Observation) -> float | None:
+        """Gripper yaw for the grasp: the object's yaw under its symmetry, closest to the current yaw."""
+        oy = self.obj_yaw(obs)
+        return None if oy is None else self.choose_yaw(obs.privileged["eef_quat"], oy, self.SYMMETRY)
+
     def after_lift(self, obs: Observation) -> np.ndarray:
-        p = obs.privileged
         return self.action(obs, self.lift_target, CLOSE, self.target_yaw)
 
     def __call__(self, obs: Observation) -> np.ndarray:
@@ -150,8 +154,7 @@ class PickExpert(_Base):
         if self.phase == "approach":
             g = self.grasp_point(obs)
             if self.target_yaw is None:
-                oy = self.obj_yaw(obs)
-                self.target_yaw = None if oy is None else self.choose_yaw(p["eef_quat"], oy, self.SYMMETRY)
+                self.target_yaw = self.pick_yaw(obs)
             hover = g + np.array([0.0, 0.0, self.APPROACH_DZ])
             if (np.linalg.norm(hover[:2] - p["eef_pos"][:2]) < 0.008 and abs(hover[2] - p["eef_pos"][2]) < 0.03
                     and self.yaw_error(obs, self.target_yaw) < 0.08) or self.t_phase > 80:
@@ -183,9 +186,122 @@ class LiftExpert(PickExpert):
     obj_key = "cube"
 
 
+class PlaceExpert(PickExpert):
+    """Pick, then carry the object above its resting pose, lower it, release and retreat.
+
+    Subclasses give `rest_pos(obs)`: where the object's centre is when placed. The eef target is that pose
+    plus the eef-to-object offset measured at the grasp, so a grasp off the object's centre still places it
+    where it should go.
+    """
+
+    CLEARANCE = 0.04  # carry height above the resting pose
+    RELEASE_DZ = 0.004  # release when the object is this far above its resting pose
+    RELEASE_STEPS = 6
+    RETREAT_DZ = 0.08
+    RELEASE_TOL = 0.002
+    XY_TOL = 0.006  # carry ends when the eef is this close (m) above the place target
+
+    def rest_pos(self, obs: Observation) -> np.ndarray:
+        raise NotImplementedError
+
+    def _place_target(self, obs: Observation, dz: float) -> np.ndarray:
+        return self.rest_pos(obs) + np.array([0.0, 0.0, dz]) + self.grasp_offset
+
+    def after_lift(self, obs: Observation) -> np.ndarray:
+        p = obs.privileged
+        if self.phase == "carry":
+            tgt = self._place_target(obs, self.CLEARANCE)
+            if self.t_phase == 1:
+                self.risen = False
+            if not self.risen and p["eef_pos"][2] < tgt[2] - 0.03:  # rise first: do not drag the object
+                tgt = np.array([p["eef_pos"][0], p["eef_pos"][1], tgt[2]])
+            else:
+                self.risen = True
+            if self.risen and (np.linalg.norm(tgt[:2] - p["eef_pos"][:2]) < self.XY_TOL or self.t_phase > 120):
+                self._goto("lower")
+            return self.action(obs, tgt, CLOSE, self.target_yaw)
+        if self.phase == "lower":
+            tgt = self._place_target(obs, self.RELEASE_DZ)
+            obj_dz = p[f"{self.obj_key}_pos"][2] - self.rest_pos(obs)[2]
+            if obj_dz < self.RELEASE_DZ + self.RELEASE_TOL or self.t_phase > 50:
+                self._goto("release")
+            return self.action(obs, tgt, CLOSE, self.target_yaw, max_speed=0.4)
+        if self.phase == "release":
+            if self.t_phase >= self.RELEASE_STEPS:
+                self.retreat_target = p["eef_pos"] + np.array([0.0, 0.0, self.RETREAT_DZ])
+                self._goto("retreat")
+            return self.action(obs, p["eef_pos"], OPEN, self.target_yaw, max_speed=0.0)
+        return self.action(obs, self.retreat_target, OPEN, self.target_yaw, max_speed=0.5)
+
+
+class StackExpert(PlaceExpert):
+    """Pick cubeA (red), carry it above cubeB (green), lower until it rests on top, release, retreat."""
+
+    obj_key = "cubeA"
+    NEAR = 0.15  # cubeB closer than this (m) constrains which faces the fingers take
+
+    def pick_yaw(self, obs: Observation) -> float | None:
+        """Of the two finger axes that fit cubeA's faces, take the one most perpendicular to cubeB.
+
+        Fingers close along the eef's local y, i.e. along world (sin yaw, -cos yaw) with the gripper down;
+        with cubeB next to cubeA a finger along the line between them lands on cubeB.
+        """
+        p = obs.privileged
+        oy = self.obj_yaw(obs)
+        assert oy is not None
+        cands = [self.choose_yaw(p["eef_quat"], oy + k * np.pi / 2, np.pi) for k in (0, 1)]
+        d = (p["cubeB_pos"] - p["cubeA_pos"])[:2]
+        if np.linalg.norm(d) > self.NEAR:
+            return min(cands, key=lambda y: self.yaw_error(obs, y))
+        d = d / np.linalg.norm(d)
+        return min(cands, key=lambda y: abs(np.sin(y) * d[0] - np.cos(y) * d[1]))
+
+    def rest_pos(self, obs: Observation) -> np.ndarray:
+        p = obs.privileged
+        return p["cubeB_pos"] + np.array([0.0, 0.0, p["cubeB_half_size"][2] + p["cubeA_half_size"][2]])
+
+
+class CanExpert(PlaceExpert):
+    """Pick the can (a vertical cylinder: any yaw fits) near its top, carry it over the bin wall, drop it in.
+
+    The grasp point is 2.5 cm below the can's top: the palm sits ~3 cm above the grasp point, so a deeper
+    grasp pushes the can down instead of closing around it.
+    """
+
+    obj_key = "can"
+    CAN_HALF_HEIGHT = 0.04
+    GRASP_BELOW_TOP = 0.025
+    CLEARANCE = 0.10  # carry the can's centre this far above its resting pose: clears the bin walls
+    RELEASE_DZ = 0.03  # a short drop is harmless and keeps the arm inside its reach
+    RELEASE_TOL = 0.008  # the arm sags near its reach limit: do not wait for the last millimetres
+    XY_TOL = 0.012
+    PLACE_MARGIN = 0.05  # can centre to the target quadrant's inner edges
+
+    def grasp_point(self, obs: Observation) -> np.ndarray:
+        return obs.privileged["can_pos"] + np.array([0.0, 0.0, self.CAN_HALF_HEIGHT - self.GRASP_BELOW_TOP])
+
+    def obj_yaw(self, obs: Observation) -> float | None:
+        return None
+
+    def pick_yaw(self, obs: Observation) -> float | None:
+        return self._gripper_yaw(obs.privileged["eef_quat"])  # hold the start yaw
+
+    def rest_pos(self, obs: Observation) -> np.ndarray:
+        """Inside the target quadrant, at its corner nearest the robot base (the quadrant centre is at the
+        edge of the Panda's reach with the gripper down); 0.02 m is the bin floor's thickness."""
+        p = obs.privileged
+        quarter = p["bin_size"][:2] / 4.0  # half-extents of one quadrant
+        xy = p["target_pos"][:2] - (quarter - self.PLACE_MARGIN)
+        return np.array([xy[0], xy[1], p["table_z"] + 0.02 + self.CAN_HALF_HEIGHT])
+
+
 def make_robosuite_expert(task: str, noise: float = 0.0, seed: int | None = None) -> Callable[[Observation],
                                                                                                 np.ndarray]:
     """A fresh stateful expert for `task`; `noise` adds N(0, noise) to the 6 arm action dims (demo diversity)."""
     if task == "Lift":
         return LiftExpert(noise, seed)
+    if task == "Stack":
+        return StackExpert(noise, seed)
+    if task == "PickPlaceCan":
+        return CanExpert(noise, seed)
     raise UserError(f"no robosuite expert for task {task!r}; valid: Lift, Stack, PickPlaceCan")
