@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from tyro.conf import Positional
+
 from vla_runtime.errors import UserError
 
 Clock = Literal["unpaced", "sim", "wall"]
@@ -224,7 +226,7 @@ def keys(out: Path) -> None:
 
 
 def bench(
-    name: Literal["loop", "step", "vla", "specprune", "earlyexit", "bridge", "async", "kernels", "render"],
+    name: Positional[Literal["loop", "step", "vla", "specprune", "earlyexit", "bridge", "async", "kernels", "render"]],
     env: str = "",
     policy: str = "",
     episodes: int = 5,

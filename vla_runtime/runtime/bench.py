@@ -1,0 +1,259 @@
+"""`vla-runtime bench NAME`: a technique against its baseline, in one process, on the same seeds.
+
+Every benchmark writes `OUT/bench.json`:
+  {"bench", "env", "episodes", "seeds", "machine", "baseline",
+   "methods": [{"name", "success_pct", "success_ci95", "latency_ms_p50", "latency_ms_p95", "ratio_to_baseline", ...}]}
+with ratio_to_baseline = baseline p50 latency / method p50 latency (> 1 is faster). Episode-level results of each
+method go to OUT/<method>/episodes.jsonl (+ eval_info.json) exactly as `vla-runtime eval` writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vla_runtime.errors import UserError
+from vla_runtime.runtime.evaluate import EvalConfig, aggregate, episode_record, machine_info
+from vla_runtime.runtime.loop import LoopConfig, run_episode
+from vla_runtime.runtime.metrics import percentiles, wilson_ci
+
+
+@dataclass
+class Method:
+    """One arm of a comparison: a policy (+ sampler / accelerations) and a loop configuration."""
+
+    name: str
+    policy: str
+    sampler: str | None = None
+    accel: tuple[str, ...] = ()
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: int, seed: int,
+                    out: Path | None, baseline: str | None = None, device: str = "cpu",
+                    extra_fields: Callable[[Method, list[dict[str, Any]]], dict[str, Any]] | None = None,
+                    tasks: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every method on the same episode specs (one env, reused) and write bench.json."""
+    from vla_runtime.envs import make_env
+    from vla_runtime.policies import make_policy
+
+    if not methods:
+        raise UserError("no methods to compare")
+    baseline = baseline or methods[0].name
+    policies = {m.name: make_policy(m.policy, env_name=env_name, device=device, accel=m.accel, sampler=m.sampler,
+                                    **m.policy_kwargs) for m in methods}
+    cams = tuple(sorted({c for p in policies.values() for c in p.spec.cameras}))
+    size = max((p.spec.image_size for p in policies.values() if p.spec.cameras), default=128)
+    env = make_env(env_name, cameras=cams or None, image_size=size, render=bool(cams))
+    results: list[dict[str, Any]] = []
+    try:
+        specs = env.episode_specs(seed, episodes, tasks)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(specs) * len(methods), desc=f"bench {bench}", unit="ep")
+        per_method: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+        # Interleave methods per spec so slow drift of the machine (thermal, other load) hits all arms alike.
+        for spec in specs:
+            for m in methods:
+                r = run_episode(env, policies[m.name], spec, m.loop)
+                rec = episode_record(r, m.policy)
+                rec["method"] = m.name
+                per_method[m.name].append(rec)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        env.close()
+    for m in methods:
+        recs = per_method[m.name]
+        agg = aggregate(recs)["aggregated"]
+        inf = [x for r in recs for x in r["inference_ms"]]
+        p = percentiles(inf)
+        row = {"name": m.name, "policy": m.policy, "sampler": m.sampler, "accel": list(m.accel),
+               "loop": dataclasses.asdict(m.loop), "episodes": agg["episodes"],
+               "success_pct": agg["success_pct"], "success_ci95": agg["success_ci95"],
+               "latency_ms_p50": p["p50"], "latency_ms_p95": p["p95"], "latency_ms_p99": p["p99"],
+               "deadline_misses": agg["deadline_misses"], "reaction_ms_mean": agg["reaction_ms_mean"],
+               "loop_hz": agg["loop_hz"]}
+        for k, v in agg.items():
+            if k.startswith("mean_"):
+                row[k] = v
+        if extra_fields is not None:
+            row.update(extra_fields(m, recs))
+        results.append(row)
+        if out is not None:
+            d = Path(out) / m.name
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = next(r for r in results if r["name"] == baseline)
+    for r in results:
+        r["ratio_to_baseline"] = (round(base["latency_ms_p50"] / r["latency_ms_p50"], 3)
+                                  if base["latency_ms_p50"] and r["latency_ms_p50"] else None)
+    report = {"bench": bench, "env": env_name, "episodes": len(specs), "episodes_per_task": episodes,
+              "seeds": sorted({s.seed for s in specs}), "init_states": sorted({s.init_state for s in specs
+                                                                               if s.init_state is not None}),
+              "machine": machine_info(), "baseline": baseline, "methods": results,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_bench(report, out)
+    print(format_bench(report))
+    return report
+
+
+def write_bench(report: dict[str, Any], out: Path | None) -> None:
+    if out is None:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    rows = [("method", "success %", "95% CI", "p50 ms", "p95 ms", "ratio", "extra")]
+    for m in report["methods"]:
+        f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        ci = m.get("success_ci95") or [0, 0]
+        extra = " ".join(f"{k}={v}" for k, v in m.items() if k.startswith("mean_") or k in m.get("_show", ()))
+        rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]", f(m.get("latency_ms_p50")),
+                     f(m.get("latency_ms_p95")), "-" if m.get("ratio_to_baseline") is None
+                     else f"{m['ratio_to_baseline']:.2f}x", extra[:80]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    head = f"bench {report['bench']} on {report['env']}, {report['episodes']} episodes, baseline {report['baseline']}"
+    return head + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks owned by the runtime itself
+
+
+def bench_loop(env_name: str, episodes: int, seed: int, out: Path | None) -> dict[str, Any]:
+    """Loop overhead: everything in a tick except the env step and the policy, p50/p99 (target p99 <= 1 ms)."""
+    from vla_runtime.envs import make_env
+    from vla_runtime.policies import make_policy
+
+    env_name = env_name or "dummy:reach"
+    env = make_env(env_name, render=False)
+    pol = make_policy("scripted", env_name=env_name)
+    methods = []
+    try:
+        for clock, mode in (("unpaced", "sync"), ("sim", "sync"), ("sim", "async")):
+            cfg = LoopConfig(clock=clock, mode=mode)  # type: ignore[arg-type]
+            ovh: list[float] = []
+            steps = 0
+            for spec in env.episode_specs(seed, episodes):
+                r = run_episode(env, pol, spec, cfg)
+                ovh += [t.overhead_ms for t in r.ticks]
+                steps += r.steps
+            p = percentiles(ovh, (50, 99, 99.9))
+            methods.append({"name": f"{clock}-{mode}", "ticks": steps, "overhead_ms_p50": p["p50"],
+                            "overhead_ms_p99": p["p99"], "overhead_ms_p99_9": p["p99"],
+                            "overhead_ms_max": float(np.max(ovh)) if ovh else None})
+    finally:
+        env.close()
+    report = {"bench": "loop", "env": env_name, "episodes": episodes, "seeds": list(range(seed, seed + episodes)),
+              "machine": machine_info(), "baseline": "unpaced-sync", "methods": methods}
+    write_bench(report, out)
+    for m in methods:
+        print(f"{m['name']:14s} ticks {m['ticks']:6d}  overhead p50 {m['overhead_ms_p50']:.3f} ms  "
+              f"p99 {m['overhead_ms_p99']:.3f} ms  max {m['overhead_ms_max']:.3f} ms")
+    return report
+
+
+def bench_render(env_name: str, steps: int, out: Path | None) -> dict[str, Any]:
+    """Env step time without cameras, with 2 x 128 px cameras (fast render settings on and off)."""
+    from vla_runtime.envs import make_env
+
+    env_name = env_name or "robosuite:Lift"
+    methods = []
+    for label, kw in (("no-render", dict(render=False)), ("render-fast", dict(render=True, fast_render=True)),
+                      ("render-default", dict(render=True, fast_render=False))):
+        env = make_env(env_name, **kw)
+        try:
+            spec = env.episode_specs(0, 1)[0]
+            env.reset(spec)
+            rng = np.random.default_rng(0)
+            ts = []
+            n = 0
+            while n < steps:
+                a = rng.uniform(-0.3, 0.3, env.spec.action_dim).astype(np.float32)
+                t0 = time.perf_counter()
+                res = env.step(a)
+                ts.append((time.perf_counter() - t0) * 1e3)
+                n += 1
+                if res.done:
+                    env.reset(spec)
+            p = percentiles(ts)
+            methods.append({"name": label, "steps": n, "step_ms_p50": p["p50"], "step_ms_p95": p["p95"],
+                            "step_ms_mean": float(np.mean(ts))})
+            print(f"{label:15s} step p50 {p['p50']:.1f} ms  p95 {p['p95']:.1f} ms")
+        finally:
+            env.close()
+    report = {"bench": "render", "env": env_name, "episodes": 1, "seeds": [0], "machine": machine_info(),
+              "baseline": "no-render", "methods": methods}
+    write_bench(report, out)
+    return report
+
+
+def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, seed: int = 0,
+              out: Path | None = None, steps: int = 200, threads: int | None = None) -> dict[str, Any]:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if name == "loop":
+        return bench_loop(env, episodes, seed, out)
+    if name == "render":
+        return bench_render(env, steps, out)
+    if name == "async":
+        return bench_async(env or "robosuite:Lift", policy, episodes, seed, out)
+    if name == "step":
+        from vla_runtime.policies.diffusion.bench import bench_step
+
+        return bench_step(env=env or "robosuite:Lift", policy=policy, episodes=episodes, seed=seed, out=out)
+    if name == "vla":
+        from vla_runtime.policies.vla.bench import bench_vla
+
+        return bench_vla(policy or None, steps=steps, out_dir=out)
+    if name == "specprune":
+        from vla_runtime.policies.vla.specprune import bench_specprune
+
+        return bench_specprune(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out)
+    if name == "earlyexit":
+        from vla_runtime.policies.vla.early_exit import bench_earlyexit
+
+        return bench_earlyexit(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out)
+    if name == "bridge":
+        from vla_runtime.bridges.bench import bench_bridge
+
+        return bench_bridge(episodes=episodes, steps=steps, out_dir=str(out) if out else None)
+    if name == "kernels":
+        from vla_runtime.kernels.bench import bench_kernels
+
+        res = bench_kernels()
+        write_bench({"bench": "kernels", "machine": machine_info(), **res}, out)
+        return res
+    raise UserError(f"unknown bench {name!r}")
+
+
+def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path | None) -> dict[str, Any]:
+    """Sync vs async (naive and future-state-aware) inference on the simulated real-time clock, same seeds."""
+    if not policy:
+        from vla_runtime.policies import list_policies
+
+        learned = [p for p in list_policies() if p.startswith("diffusion:")]
+        if not learned:
+            raise UserError("bench async needs a learned policy: --policy diffusion:<checkpoint>")
+        policy = learned[0]
+    methods = [Method("sync", policy, loop=LoopConfig(clock="sim", mode="sync")),
+               Method("async-naive", policy, loop=LoopConfig(clock="sim", mode="async", future_state=False)),
+               Method("async-future-state", policy, loop=LoopConfig(clock="sim", mode="async", future_state=True))]
+    return compare_methods("async", env_name, methods, episodes, seed, out, baseline="sync")
