@@ -1,0 +1,521 @@
+"""The VLA model: stock `transformers` vision tower and decoder, driven by a layer loop this package owns.
+
+Why our own loop: token pruning (SpecPrune, VLA-Cache) and early exit (SpecEE, DeeR) must change *which tokens*
+enter a layer and *whether the next layer runs*. Instead of forking modelling code per technique, the loop calls
+each stock decoder layer with explicit position ids, rotary embeddings computed from the kept positions and a 4D
+mask built from those positions, and asks two strategy hooks what to do:
+
+    TokenPruner.before_layer(layer_idx, ctx) -> kept indices (B, K) into the current tokens, or None
+    ExitPolicy.after_layer(layer_idx, hidden, ctx) -> True to stop after this layer
+
+With no strategy the loop computes exactly what the stock `model(inputs_embeds=..., position_ids=...)` computes
+(tests/test_vla_model.py proves it).
+
+transformers 5.x facts this relies on: decoder layers take `position_embeddings=(cos, sin)` from
+`model.rotary_emb(h, position_ids)` and return a tensor; a 4D additive mask is used as given; attention weights
+are only returned by the "eager" implementation, so layers whose attention a strategy needs run eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vla_runtime.errors import UserError
+from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
+
+# token kinds (StepContext.kinds)
+KIND_BOS, KIND_VISUAL, KIND_PROPRIO, KIND_TEXT, KIND_SUFFIX = 0, 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strategy hooks
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class StepContext:
+    """What strategies see during one forward pass.
+
+    positions/kinds/valid describe the tokens currently kept (B, N); `attentions[l]` holds layer l's attention
+    weights (B, H, Q, N) when a strategy listed l in its `attention_layers`; `memory` is per-episode state the
+    policy keeps across steps (previous kept indices, previous frames...), cleared by `reset()`.
+    """
+
+    n_layers: int
+    mode: str
+    positions: torch.Tensor | None = None  # (B, N) long
+    kinds: torch.Tensor | None = None  # (B, N) long, KIND_*
+    valid: torch.Tensor | None = None  # (B, N) bool (False: padding, masked as key)
+    layer_idx: int = -1
+    images: torch.Tensor | None = None  # (B, C, 3, H, W) in [-1, 1], the frames this step
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. controller mode "fine"/"coarse", last actions
+    tokens_per_layer: list[int] = field(default_factory=list)
+    visual_per_layer: list[int] = field(default_factory=list)
+    exit_layer: int = -1  # number of layers run in the last loop (n_layers when no exit)
+    decode_step: int = -1  # AR: -1 during prefill, i >= 0 for the i-th generated token
+
+
+class TokenPruner(Protocol):
+    attention_layers: frozenset[int]
+
+    def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+        """Indices (B, K), ascending, into the current tokens to keep from this layer on; None keeps all.
+        Suffix tokens (action queries / action tokens) must be kept."""
+
+
+class ExitPolicy(Protocol):
+    attention_layers: frozenset[int]
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        """True to stop after layer `layer_idx` (the head then reads the final-normed hidden state)."""
+
+
+class NoPruner:
+    """Keeps every token (the default)."""
+
+    attention_layers: frozenset[int] = frozenset()
+
+    def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+        return None
+
+
+class NoExit:
+    """Runs every layer (the default)."""
+
+    attention_layers: frozenset[int] = frozenset()
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        return False
+
+
+class RandomVisualDrop:
+    """Training-time pruner: before `layer`, keep a random fraction of visual tokens per sample.
+
+    Makes training cheaper (fewer tokens in most layers) and teaches the model to act from a subset of patches,
+    which is what inference-time pruning later asks of it.
+    """
+
+    attention_layers: frozenset[int] = frozenset()
+
+    def __init__(self, layer: int, keep_frac: float, generator: torch.Generator | None = None) -> None:
+        if not 0.0 < keep_frac <= 1.0:
+            raise UserError(f"keep fraction must be in (0, 1], got {keep_frac}")
+        self.layer, self.keep_frac, self.gen = layer, keep_frac, generator
+
+    def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+        if layer_idx != self.layer or self.keep_frac >= 1.0:
+            return None
+        assert ctx.kinds is not None
+        is_vis = ctx.kinds == KIND_VISUAL  # (B, N)
+        nv = int(is_vis[0].sum())
+        k = max(1, int(round(nv * self.keep_frac)))
+        score = torch.rand(is_vis.shape, generator=self.gen, device=is_vis.device)
+        score = torch.where(is_vis, score, torch.full_like(score, 2.0))  # non-visual always kept
+        n_keep = int((~is_vis[0]).sum()) + k
+        idx = score.topk(n_keep, dim=1).indices  # (B, K)
+        return idx.sort(dim=1).values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a per-layer KV cache, duck-typed to what stock attention calls (`update(k, v, layer_idx)`)
+# ---------------------------------------------------------------------------------------------------------------
+class LayerKVCache:
+    """Keys/values (after rotary) per layer plus the positions/validity of the cached keys.
+
+    Our own (not transformers' DynamicCache) because layers may hold different token sets: a pruner drops
+    tokens from some layer on, and an exit policy may stop before the deep layers see a token.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.pos: list[torch.Tensor | None] = [None] * n_layers  # (B, Nk)
+        self.kind: list[torch.Tensor | None] = [None] * n_layers
+        self.valid: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kw: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """key/value (B, Hkv, Q, hd) -> all cached (B, Hkv, Nk + Q, hd) for this layer."""
+        k0, v0 = self.k[layer_idx], self.v[layer_idx]
+        if k0 is not None and v0 is not None:
+            key, value = torch.cat([k0, key], dim=2), torch.cat([v0, value], dim=2)
+        self.k[layer_idx], self.v[layer_idx] = key, value
+        return key, value
+
+    def key_meta(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        p = self.pos[layer_idx]
+        if p is None:
+            return None
+        kd, vl = self.kind[layer_idx], self.valid[layer_idx]
+        assert kd is not None and vl is not None
+        return p, kd, vl
+
+    def add_meta(self, layer_idx: int, pos: torch.Tensor, kind: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.pos[layer_idx] is None:
+            self.pos[layer_idx], self.kind[layer_idx], self.valid[layer_idx] = pos, kind, valid
+        else:
+            self.pos[layer_idx] = torch.cat([self.pos[layer_idx], pos], 1)  # type: ignore[list-item]
+            self.kind[layer_idx] = torch.cat([self.kind[layer_idx], kind], 1)  # type: ignore[list-item]
+            self.valid[layer_idx] = torch.cat([self.valid[layer_idx], valid], 1)  # type: ignore[list-item]
+
+    def seq_len(self, layer_idx: int) -> int:
+        k = self.k[layer_idx]
+        return 0 if k is None else int(k.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------------------------
+def build_attention_mask(q_pos: torch.Tensor, q_kind: torch.Tensor, k_pos: torch.Tensor, k_kind: torch.Tensor,
+                         k_valid: torch.Tensor, bidirectional_suffix: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask (B, 1, Q, K) from token positions, not from indices, so gaps left by dropped tokens
+    do not change who sees whom. A query sees valid keys at positions <= its own; with
+    `bidirectional_suffix` (parallel decoding) suffix tokens also see every other suffix token."""
+    allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, Q, K)
+    if bidirectional_suffix:
+        allowed = allowed | ((q_kind == KIND_SUFFIX)[:, :, None] & (k_kind == KIND_SUFFIX)[:, None, :])
+    allowed = allowed & k_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]  # (B, 1, Q, K)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building stock modules from the config
+# ---------------------------------------------------------------------------------------------------------------
+def decoder_config(cfg: VLAConfig, attn_implementation: str = "sdpa") -> Any:
+    """A stock transformers config for the decoder family (vocab = text vocab + action bins)."""
+    from transformers import GemmaConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=cfg.vocab_size + cfg.n_bins, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                  head_dim=cfg.head_dim, max_position_embeddings=max(2048, cfg.seq_len + 16),
+                  rms_norm_eps=cfg.rms_norm_eps, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                  tie_word_embeddings=False)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.decoder_family == "llama":
+        c = LlamaConfig(**common, rope_parameters=rope)
+    elif cfg.decoder_family == "qwen2":
+        c = Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
+    else:
+        c = GemmaConfig(**common, rope_parameters=rope)
+    c._attn_implementation = attn_implementation
+    return c
+
+
+def build_decoder(cfg: VLAConfig, attn_implementation: str = "sdpa") -> nn.Module:
+    from transformers import GemmaModel, LlamaModel, Qwen2Model
+
+    cls = {"llama": LlamaModel, "qwen2": Qwen2Model, "gemma": GemmaModel}[cfg.decoder_family]
+    return cls(decoder_config(cfg, attn_implementation))
+
+
+def build_vision(cfg: VLAConfig) -> nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    vc = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                            image_size=cfg.image_size, patch_size=cfg.patch_size, vision_use_head=False)
+    vc._attn_implementation = "sdpa"
+    return SiglipVisionModel(vc)
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+def check_decoder(decoder: nn.Module) -> None:
+    """The loop needs `layers`, `rotary_emb`, `norm`, `embed_tokens` and no sliding-window layers."""
+    for name in ("layers", "rotary_emb", "norm", "embed_tokens"):
+        if not hasattr(decoder, name):
+            raise UserError(f"decoder {type(decoder).__name__} has no `{name}`: not a stock Llama-style decoder")
+    types = getattr(decoder.config, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        raise UserError("decoders with sliding-window / non-full attention layers are not supported by the loop")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------------------------
+class VLAModel(nn.Module):
+    """vision tower -> projector -> [BOS, visual, proprio, text, suffix] -> decoder layer loop -> action head."""
+
+    def __init__(self, cfg: VLAConfig, decoder: nn.Module | None = None, vision: nn.Module | None = None,
+                 bos_id: int = 1, action_token_offset: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision if vision is not None else build_vision(cfg)
+        self.decoder = decoder if decoder is not None else build_decoder(cfg)
+        check_decoder(self.decoder)
+        d = int(self.decoder.config.hidden_size)
+        vis_d = int(self.vision.config.hidden_size)
+        self.hidden = d
+        self.projector = _mlp(vis_d, d)
+        self.proprio_projector = _mlp(cfg.state_dim, d)
+        self.bos_id = bos_id
+        vocab = int(self.decoder.config.vocab_size)
+        self.action_token_offset = vocab - cfg.n_bins if action_token_offset is None else action_token_offset
+        if not 0 <= self.action_token_offset <= vocab - cfg.n_bins:
+            raise UserError(f"action token offset {self.action_token_offset} out of the vocabulary ({vocab})")
+        n_learned = cfg.n_suffix if cfg.mode == "parallel" else 1  # queries, or the ACT_START token
+        self.suffix_embed = nn.Parameter(torch.randn(n_learned, d) * 0.02)
+        self.head: nn.Module
+        if cfg.mode == "parallel":
+            self.head = ParallelActionHead(d, cfg.tokens_per_action, cfg.action_dim, cfg.chunk_size, cfg.head_hidden,
+                                           cfg.head_blocks)
+        else:
+            self.head = ARActionHead(d, cfg.n_bins)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    # ---- embeddings -------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, 3, H, W) in [-1, 1] -> projected visual tokens (B, C * P, D)."""
+        B, C = images.shape[:2]
+        dt = self.projector[0].weight.dtype
+        feats = self.vision(pixel_values=images.flatten(0, 1).to(dt)).last_hidden_state  # (B*C, P, Dv)
+        return self.projector(feats).reshape(B, C * feats.shape[1], -1)
+
+    def layout(self, B: int, text_valid: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """positions, kinds, valid (B, seq_len) of the full layout (see VLAConfig)."""
+        cfg = self.cfg
+        kinds = torch.cat([torch.tensor([KIND_BOS]), torch.full((cfg.n_visual,), KIND_VISUAL),
+                           torch.tensor([KIND_PROPRIO]), torch.full((cfg.max_text_len,), KIND_TEXT),
+                           torch.full((cfg.n_suffix,), KIND_SUFFIX)]).to(device)
+        kinds = kinds[None].expand(B, -1)
+        pos = torch.arange(cfg.seq_len, device=device)[None].expand(B, -1)
+        valid = torch.ones(B, cfg.seq_len, dtype=torch.bool, device=device)
+        t0 = 2 + cfg.n_visual
+        valid = torch.cat([valid[:, :t0], text_valid.to(device).bool(), valid[:, t0 + cfg.max_text_len:]], 1)
+        return pos, kinds, valid
+
+    def embed_prefix(self, images: torch.Tensor, state: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        """images (B, C, 3, H, W), state (B, S) normalised, text_ids (B, T) padded -> (B, prefix_len, D)."""
+        B = images.shape[0]
+        emb = self.decoder.embed_tokens
+        dev = text_ids.device
+        bos = emb(torch.full((B, 1), self.bos_id, dtype=torch.long, device=dev))  # (B, 1, D)
+        vis = self.encode_images(images)  # (B, Nv, D)
+        prop = self.proprio_projector(state.to(vis.dtype))[:, None]  # (B, 1, D)
+        txt = emb(text_ids)  # (B, T, D)
+        dt = vis.dtype
+        return torch.cat([bos.to(dt), vis, prop, txt.to(dt)], 1)
+
+    def embed_action_tokens(self, bins: torch.Tensor) -> torch.Tensor:
+        """AR: bin ids (B, n) -> token embeddings (B, n, D)."""
+        return self.decoder.embed_tokens(bins + self.action_token_offset)
+
+    def suffix_inputs(self, B: int, dtype: torch.dtype, target_bins: torch.Tensor | None = None) -> torch.Tensor:
+        """Parallel: the learned queries. AR: ACT_START followed by the teacher-forced tokens (training)."""
+        s = self.suffix_embed.to(dtype)[None].expand(B, -1, -1)
+        if self.cfg.mode == "parallel" or target_bins is None:
+            return s
+        return torch.cat([s, self.embed_action_tokens(target_bins[:, :-1]).to(dtype)], 1)
+
+    # ---- the layer loop ---------------------------------------------------------------------------------------
+    def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor, *,
+                       pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None,
+                       ctx: StepContext | None = None, cache: LayerKVCache | None = None,
+                       bidirectional_suffix: bool | None = None, final_norm: bool = True
+                       ) -> tuple[torch.Tensor, StepContext]:
+        """Run the decoder layers over tokens h (B, N, D) at `positions` (B, N).
+
+        Returns the (final-normed) hidden states of the tokens still kept at the end (B, K, D) and the context,
+        whose positions/kinds/valid describe those K tokens, tokens_per_layer the count entering each layer run,
+        and exit_layer the number of layers run. With `cache`, keys/values are appended per layer and queries also
+        attend to the cached keys (AR decoding).
+        """
+        dec = self.decoder
+        pruner = pruner or NoPruner()
+        exit_policy = exit_policy or NoExit()
+        if ctx is None:
+            ctx = StepContext(n_layers=self.n_layers, mode=self.cfg.mode)
+        if bidirectional_suffix is None:
+            bidirectional_suffix = self.cfg.mode == "parallel"
+        want_attn = set(pruner.attention_layers) | set(exit_policy.attention_layers)
+        ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
+        ctx.tokens_per_layer, ctx.visual_per_layer = [], []
+        mask: torch.Tensor | None = None
+        pe: tuple[torch.Tensor, torch.Tensor] | None = None
+        n_run = 0
+        for i, layer in enumerate(dec.layers):
+            ctx.layer_idx = i
+            keep = pruner.before_layer(i, ctx)
+            if keep is not None:
+                keep = keep.to(h.device)
+                if keep.ndim != 2 or keep.shape[0] != h.shape[0]:
+                    raise ValueError(f"pruner must return (B, K) indices, got {tuple(keep.shape)}")
+                h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
+                positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
+                ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
+                mask, pe = None, None
+            if pe is None:
+                pe = dec.rotary_emb(h, position_ids=positions)
+            meta = cache.key_meta(i) if cache is not None else None
+            if meta is not None:  # keys = cached + new, mask per layer (layers may hold different token sets)
+                kp, kk, kv = meta
+                layer_mask = build_attention_mask(positions, kinds, torch.cat([kp, positions], 1),
+                                                  torch.cat([kk, kinds], 1), torch.cat([kv, valid], 1),
+                                                  bidirectional_suffix, h.dtype)
+            else:
+                if mask is None:
+                    mask = build_attention_mask(positions, kinds, positions, kinds, valid, bidirectional_suffix,
+                                                h.dtype)
+                layer_mask = mask
+            if cache is not None:
+                cache.add_meta(i, positions, kinds, valid)
+            ctx.tokens_per_layer.append(int(h.shape[1]))
+            ctx.visual_per_layer.append(int((kinds[0] == KIND_VISUAL).sum()))
+            h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=(i in want_attn), ctx=ctx, i=i)
+            n_run = i + 1
+            if exit_policy.after_layer(i, h, ctx):
+                break
+        ctx.exit_layer = n_run
+        if final_norm:
+            h = dec.norm(h)
+        return h, ctx
+
+    def _run_layer(self, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                   positions: torch.Tensor, cache: LayerKVCache | None, capture: bool, ctx: StepContext, i: int
+                   ) -> torch.Tensor:
+        kw: dict[str, Any] = dict(attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        if cache is not None:
+            kw.update(past_key_values=cache, use_cache=True)
+        if not capture:
+            return layer(h, **kw)
+        conf = layer.self_attn.config
+        old = conf._attn_implementation
+        captured: list[torch.Tensor] = []
+        handle = layer.self_attn.register_forward_hook(lambda m, a, out: captured.append(out[1]))
+        try:
+            conf._attn_implementation = "eager"
+            h = layer(h, **kw)
+        finally:
+            conf._attn_implementation = old
+            handle.remove()
+        ctx.attentions[i] = captured[0].detach()
+        return h
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def forward_train(self, images: torch.Tensor, state: torch.Tensor, text_ids: torch.Tensor,
+                      text_valid: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor,
+                      pruner: TokenPruner | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for a batch. actions (B, chunk, A) normalised to [-1, 1]; action_mask (B, chunk) bool."""
+        cfg = self.cfg
+        B = images.shape[0]
+        prefix = self.embed_prefix(images, state, text_ids)
+        target_bins = None
+        if cfg.mode == "ar":
+            assert isinstance(self.head, ARActionHead)
+            target_bins = self.head.tokenize(actions).reshape(B, -1)  # (B, chunk*A)
+        h = torch.cat([prefix, self.suffix_inputs(B, prefix.dtype, target_bins)], 1)
+        pos, kinds, valid = self.layout(B, text_valid, h.device)
+        out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner)
+        suf = out[:, -cfg.n_suffix:]  # suffix tokens are never dropped and come last
+        if cfg.mode == "parallel":
+            pred = self.head(suf)
+            loss = ParallelActionHead.loss(pred, actions, action_mask)
+            return loss, {"l1": float(loss.detach())}
+        assert target_bins is not None
+        logits = self.head(suf)  # (B, chunk*A, n_bins)
+        tok_mask = action_mask[:, :, None].expand(-1, -1, cfg.action_dim).reshape(B, -1)
+        loss = ARActionHead.loss(logits, target_bins, tok_mask)
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == target_bins).float() * tok_mask).sum() / tok_mask.float().sum().clamp_min(1)
+        return loss, {"ce": float(loss.detach()), "token_acc": float(acc)}
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, state: torch.Tensor, text_ids: torch.Tensor, text_valid: torch.Tensor,
+                *, pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None,
+                ctx: StepContext | None = None, timings: dict[str, float] | None = None) -> tuple[torch.Tensor,
+                                                                                                  StepContext]:
+        """Normalised action chunk (B, chunk, A) for one observation batch.
+
+        With B == 1 padding tokens are removed before the loop (positions keep their layout values, so the
+        result equals the padded computation); `timings` receives vision_ms / decoder_ms / head_ms.
+        """
+        import time
+
+        cfg = self.cfg
+        B = images.shape[0]
+        if ctx is None:
+            ctx = StepContext(n_layers=self.n_layers, mode=cfg.mode)
+        ctx.images = images
+        t0 = time.perf_counter()
+        prefix = self.embed_prefix(images, state, text_ids)
+        t1 = time.perf_counter()
+        h = torch.cat([prefix, self.suffix_inputs(B, prefix.dtype)], 1)
+        n_pre = cfg.prefix_len
+        pos, kinds, valid = self.layout(B, text_valid, h.device)
+        if cfg.mode == "ar":  # prefill ends at ACT_START
+            h, pos, kinds, valid = h[:, :n_pre + 1], pos[:, :n_pre + 1], kinds[:, :n_pre + 1], valid[:, :n_pre + 1]
+        if B == 1 and not bool(valid.all()):
+            keep = valid[0].nonzero().squeeze(1)
+            h, pos, kinds, valid = h[:, keep], pos[:, keep], kinds[:, keep], valid[:, keep]
+        head_ms = 0.0
+        if cfg.mode == "parallel":
+            out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx)
+            t2 = time.perf_counter()
+            actions = self.head(out[:, -cfg.n_suffix:]).float()
+            t3 = time.perf_counter()
+            head_ms = (t3 - t2) * 1e3
+        else:
+            actions, ctx, head_ms = self._generate(h, pos, kinds, valid, pruner, exit_policy, ctx)
+            t3 = time.perf_counter()
+        if timings is not None:
+            timings["vision_ms"] = (t1 - t0) * 1e3
+            timings["decoder_ms"] = (t3 - t1) * 1e3 - head_ms
+            timings["head_ms"] = head_ms
+        return actions, ctx
+
+    def _generate(self, h: torch.Tensor, pos: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor,
+                  pruner: TokenPruner | None, exit_policy: ExitPolicy | None, ctx: StepContext
+                  ) -> tuple[torch.Tensor, StepContext, float]:
+        """Greedy AR decoding of chunk*A action tokens with a per-layer KV cache."""
+        import time
+
+        cfg = self.cfg
+        assert isinstance(self.head, ARActionHead)
+        B = h.shape[0]
+        cache = LayerKVCache(self.n_layers)
+        ctx.decode_step = -1
+        out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx,
+                                       cache=cache, bidirectional_suffix=False)
+        prefill_tokens = list(ctx.tokens_per_layer)
+        exits = [ctx.exit_layer]
+        head_s = 0.0
+        bins: list[torch.Tensor] = []
+        next_pos = int(cfg.prefix_len)  # position of ACT_START
+        last = out[:, -1:]
+        for step in range(cfg.n_action_tokens):
+            t = time.perf_counter()
+            b = self.head(last).argmax(-1)  # (B, 1)
+            head_s += time.perf_counter() - t
+            bins.append(b)
+            if step == cfg.n_action_tokens - 1:
+                break
+            next_pos += 1
+            ctx.decode_step = step
+            x = self.embed_action_tokens(b).to(h.dtype)
+            p = torch.full((B, 1), next_pos, dtype=torch.long, device=h.device)
+            k = torch.full((B, 1), KIND_SUFFIX, dtype=torch.long, device=h.device)
+            v = torch.ones(B, 1, dtype=torch.bool, device=h.device)
+            last, ctx = self.forward_layers(x, p, k, v, pruner=None, exit_policy=exit_policy, ctx=ctx, cache=cache,
+                                            bidirectional_suffix=False)
+            exits.append(ctx.exit_layer)
+        ctx.tokens_per_layer = prefill_tokens
+        ctx.extra["decode_exit_layers"] = exits
+        all_bins = torch.cat(bins, 1).reshape(B, cfg.chunk_size, cfg.action_dim)
+        return self.head.detokenize(all_bins), ctx, head_s * 1e3
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,332 @@
+"""Train a VLA (parallel L1 chunk head or AR action tokens) on demo files, multi-task, language-conditioned.
+
+Resumable background job: the checkpoint directory holds the fp32 weights, the AdamW state and the step
+(written atomically every `save_every` steps), and a jsonl loss log. Re-running the same command continues.
+Data: `vla_runtime.train.demos` HDF5 files; actions and proprio are min-max normalised to [-1, 1] with the
+stats saved in the checkpoint; targets are chunks of `chunk_size` future actions (steps past the episode end
+are masked out of the loss); images get a random-shift augmentation (pad + random crop, as in DrQ / Diffusion
+Policy). Frames are read lazily from the HDF5 files so LIBERO-sized datasets do not need to fit in memory.
+
+    python -m vla_runtime.train.train_vla --data /work/data/lift --out /work/ckpt/vla_lift_parallel --steps 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vla_runtime.errors import UserError
+from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.modeling import RandomVisualDrop, VLAModel, count_params
+from vla_runtime.policies.vla.policy import Normalizer, load_model, save_checkpoint
+from vla_runtime.policies.vla.tokenizer import TOKENIZER_FILE, WordTokenizer
+from vla_runtime.train.demos import list_demos, read_demo
+
+log = logging.getLogger(__name__)
+
+
+class DemoFrames:
+    """Index over (file, t) of demo files; actions/states in memory, images read lazily per sample."""
+
+    def __init__(self, files: Sequence[Path], cameras: tuple[str, ...] | None = None) -> None:
+        import h5py
+
+        self.files = list(files)
+        self.actions: list[np.ndarray] = []
+        self.states: list[np.ndarray] = []
+        self.instructions: list[str] = []
+        cams: tuple[str, ...] | None = cameras
+        for f in self.files:
+            d = read_demo(f, load_images=False)
+            self.actions.append(d.actions)
+            self.states.append(d.states)
+            self.instructions.append(d.instruction)
+            with h5py.File(f, "r") as h:
+                fc = tuple(json.loads(h.attrs["cameras"]))
+                shape = h["images"][fc[0]].shape
+            if cams is None:
+                cams = tuple(c for c in fc)
+            missing = [c for c in cams if c not in fc]
+            if missing:
+                raise UserError(f"{f}: cameras {missing} missing (has {list(fc)})")
+            self.image_hw = shape[1:3]
+        assert cams is not None
+        self.cameras = cams
+        self.index = np.array([(i, t) for i, a in enumerate(self.actions) for t in range(len(a))], np.int64)
+        self._h5: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _file(self, i: int) -> Any:
+        import h5py
+
+        if i not in self._h5:
+            self._h5[i] = h5py.File(self.files[i], "r")
+        return self._h5[i]
+
+    def images(self, i: int, t: int) -> np.ndarray:
+        """(C, H, W, 3) uint8."""
+        h = self._file(i)
+        return np.stack([np.asarray(h["images"][c][t]) for c in self.cameras])
+
+    def stats(self) -> dict[str, list[float]]:
+        a = np.concatenate(self.actions)
+        s = np.concatenate(self.states)
+        return {"action_min": a.min(0).tolist(), "action_max": a.max(0).tolist(),
+                "state_min": s.min(0).tolist(), "state_max": s.max(0).tolist()}
+
+    def close(self) -> None:
+        for h in self._h5.values():
+            h.close()
+        self._h5.clear()
+
+
+def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """x (N, 3, H, W): replicate-pad by `pad` and crop back at a random offset per image."""
+    if pad <= 0:
+        return x
+    N, _, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    off = torch.randint(0, 2 * pad + 1, (N, 2), generator=gen)
+    return torch.stack([xp[n, :, int(off[n, 0]):int(off[n, 0]) + H, int(off[n, 1]):int(off[n, 1]) + W]
+                        for n in range(N)])
+
+
+def make_batch(data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordTokenizer, act_norm: Normalizer,
+               state_norm: Normalizer, gen: torch.Generator, shift: int) -> dict[str, torch.Tensor]:
+    B, C, T = len(rows), len(cfg.cameras), cfg.max_text_len
+    imgs = np.stack([data.images(int(i), int(t)) for i, t in data.index[rows]])  # (B, C, H, W, 3)
+    x = torch.from_numpy(imgs).permute(0, 1, 4, 2, 3).flatten(0, 1).float()  # (B*C, 3, H, W)
+    if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+    x = random_shift(x, shift, gen)
+    x = (x / 127.5 - 1.0).reshape(B, C, 3, cfg.image_size, cfg.image_size)
+    states = np.zeros((B, cfg.state_dim), np.float32)
+    acts = np.zeros((B, cfg.chunk_size, cfg.action_dim), np.float32)
+    amask = np.zeros((B, cfg.chunk_size), bool)
+    text = np.full((B, T), tok.pad_id, np.int64)
+    tvalid = np.zeros((B, T), bool)
+    for b, (i, t) in enumerate(data.index[rows]):
+        a = data.actions[i]
+        states[b] = state_norm.normalize(data.states[i][t])
+        seg = a[t:t + cfg.chunk_size]
+        acts[b, :len(seg)] = act_norm.normalize(seg)
+        acts[b, len(seg):] = acts[b, len(seg) - 1]
+        amask[b, :len(seg)] = True
+        ids = tok.encode(data.instructions[i])[:T]
+        text[b, :len(ids)] = ids
+        tvalid[b, :len(ids)] = True
+    return {"images": x, "state": torch.from_numpy(states), "text_ids": torch.from_numpy(text),
+            "text_valid": torch.from_numpy(tvalid), "actions": torch.from_numpy(acts).clamp(-1, 1),
+            "action_mask": torch.from_numpy(amask)}
+
+
+# ---- optimizer state <-> safetensors (no pickle) -------------------------------------------------------------
+def optimizer_tensors(opt: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {"step": torch.tensor([step], dtype=torch.int64)}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            out[f"opt.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> int:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("opt."):
+            continue
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return int(tensors["step"][0])
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = "parallel", steps: int = 20000,
+              batch_size: int = 16, resume: bool = True, lr: float = 3e-4, weight_decay: float = 0.01,
+              warmup: int = 300, save_every: int = 250, log_every: int = 25, seed: int = 0, threads: int = 1,
+              bf16: bool = True, shift: int = 8, drop_keep: float = 0.3, drop_prob: float = 0.75,
+              drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
+              progress: bool = True, max_minutes: float | None = None) -> dict[str, Any]:
+    """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
+
+    drop_*: with probability drop_prob a batch keeps only drop_keep of the visual tokens from decoder layer
+    drop_layer on (RandomVisualDrop) - cheaper steps, and robustness to inference-time pruning.
+    """
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    files: list[Path] = []
+    for d in data_dirs:
+        files += list_demos(d)
+    resuming = resume and (out / "config.json").is_file() and (out / "train_state.safetensors").is_file()
+    if resuming:
+        cfg = VLAConfig.load(out / "config.json")
+        if cfg.mode != mode:
+            raise UserError(f"{out} holds a {cfg.mode!r} run; use another --out for mode {mode!r}")
+        tok = WordTokenizer.load(out / TOKENIZER_FILE)
+        stats = json.loads((out / "stats.json").read_text())
+    data = DemoFrames(files, cameras=None if not resuming else cfg.cameras)
+    if not resuming:
+        tok = WordTokenizer.from_instructions(data.instructions)
+        stats = data.stats()
+        base = VLAConfig(**(config or {}))
+        cfg = replace(base, mode=mode, cameras=data.cameras, vocab_size=tok.vocab_size,
+                      state_dim=int(data.states[0].shape[1]), action_dim=int(data.actions[0].shape[1]),
+                      n_action_steps=min(base.n_action_steps, base.chunk_size))
+    act_norm = Normalizer(np.array(stats["action_min"]), np.array(stats["action_max"]))
+    state_norm = Normalizer(np.array(stats["state_min"]), np.array(stats["state_max"]))
+    torch.manual_seed(seed)
+    model = load_model(out, tok) if resuming else VLAModel(cfg, bos_id=tok.bos_id)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    step = 0
+    if resuming:
+        step = load_optimizer_tensors(opt, load_file(str(out / "train_state.safetensors")))
+        log.info("resumed %s at step %d", out, step)
+    # held-out episodes for a validation loss (whole episodes, so frames of one demo never straddle the split)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(len(files) * val_frac)) if len(files) >= 20 else 0
+    val_files = set(rng.permutation(len(files))[:n_val].tolist())
+    is_val = np.array([int(i) in val_files for i, _ in data.index])
+    train_rows, val_rows = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "loss_log.jsonl"
+    n_params = count_params(model)
+    info = {"params_m": round(n_params / 1e6, 3), "frames": len(data), "train_frames": len(train_rows),
+            "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}
+    print(json.dumps({"event": "start", "step": step, **info}), flush=True)
+    if step == 0:
+        save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, 0))
+    t_begin = time.time()
+    bar = tqdm(total=steps, initial=step, disable=not progress, mininterval=30)
+    last: dict[str, float] = {}
+    window_t, window_n = time.time(), 0
+    while step < steps:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        np_rng = np.random.default_rng(seed * 1_000_003 + step)
+        rows = train_rows[np_rng.integers(0, len(train_rows), batch_size)]
+        batch = make_batch(data, rows, cfg, tok, act_norm, state_norm, gen, shift)
+        pruner = None
+        if drop_prob > 0 and drop_keep < 1.0 and float(torch.rand(1, generator=gen)) < drop_prob:
+            pruner = RandomVisualDrop(drop_layer, drop_keep, generator=gen)
+        cur_lr = lr_at(step, steps, lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, metrics = model.forward_train(batch["images"], batch["state"], batch["text_ids"],
+                                                batch["text_valid"], batch["actions"], batch["action_mask"],
+                                                pruner=pruner)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window_n += batch_size
+        bar.update(1)
+        last = {"loss": float(loss.detach()), **metrics}
+        if step % log_every == 0 or step == steps:
+            now = time.time()
+            rec: dict[str, Any] = {"step": step, "lr": cur_lr, "grad_norm": float(gn), "dropped": pruner is not None,
+                                   "samples_per_s": round(window_n / max(1e-6, now - window_t), 2),
+                                   "wall_s": round(now - t_begin, 1), **last}
+            window_t, window_n = now, 0
+            if step % (log_every * 8) == 0 and len(val_rows):
+                rec["val_loss"] = validate(model, data, val_rows, cfg, tok, act_norm, state_norm, bf16, seed)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if step % save_every == 0 or step == steps:
+            save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, step))
+        if max_minutes is not None and time.time() - t_begin > max_minutes * 60:
+            save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, step))
+            break
+    bar.close()
+    data.close()
+    return {"step": step, "out": str(out), **info, **last}
+
+
+@torch.no_grad()
+def validate(model: VLAModel, data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordTokenizer,
+             act_norm: Normalizer, state_norm: Normalizer, bf16: bool, seed: int, n: int = 32) -> float:
+    """Loss on up to n held-out frames (no augmentation, no dropping)."""
+    model.eval()
+    sel = rows[np.random.default_rng(seed).permutation(len(rows))[:n]]
+    batch = make_batch(data, sel, cfg, tok, act_norm, state_norm, torch.Generator().manual_seed(seed), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = model.forward_train(batch["images"], batch["state"], batch["text_ids"], batch["text_valid"],
+                                      batch["actions"], batch["action_mask"])
+    model.train()
+    return round(float(loss), 5)
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Ship a trained checkpoint: bf16 weights, no optimizer state (~half the size of the training copy)."""
+    from vla_runtime.policies.vla.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(src)
+    if not isinstance(tok, WordTokenizer):
+        raise UserError(f"{src}: only checkpoints with a word tokenizer can be exported")
+    model = load_model(src, tok)
+    stats = json.loads(Path(src, "stats.json").read_text())
+    out = save_checkpoint(model, tok, stats, dst, dtype=torch.bfloat16)
+    log_src = Path(src, "loss_log.jsonl")
+    if log_src.is_file():
+        Path(out, "loss_log.jsonl").write_text(log_src.read_text())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", required=True, help="demo directories (HDF5 files)")
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "ar"])
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--drop-keep", type=float, default=0.3)
+    p.add_argument("--drop-prob", type=float, default=0.75)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--config", default="{}", help="JSON overrides of VLAConfig fields (new runs only)")
+    p.add_argument("--export", default=None, help="only export --out as a bf16 shipping checkpoint to this dir")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if a.export:
+        print(export_checkpoint(a.out, a.export))
+        return
+    res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
+                    lr=a.lr, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
+                    drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config))
+    print(json.dumps({"event": "done", **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
