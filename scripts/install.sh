@@ -13,5 +13,5 @@ if command -v apt-get >/dev/null; then
 fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e '.[dev]'
+$PY -m pip install -q -e '.[dev,ray]'
 echo "vla-runtime installed: $($PY -c 'import vla_runtime; print(vla_runtime.__version__)')"

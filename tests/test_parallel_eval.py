@@ -69,3 +69,32 @@ def test_killed_worker_costs_only_its_episode(tmp_path):
     assert all("error" not in r for r in recs)  # the in-flight episode was retried, not lost
     info = json.loads((out / "eval_info.json").read_text())
     assert info["aggregated"]["episodes"] == 16 and info["missing_episodes"] == []
+
+
+def test_ray_actor_killed_mid_run(tmp_path):
+    import pytest
+
+    pytest.importorskip("ray")
+    out = tmp_path / "ev"
+    n = 300
+    proc = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli", "eval", "--env", "dummy:reach", "--episodes",
+                             str(n), "--out", str(out), "--ray", "local", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    jsonl = out / "episodes.jsonl"
+    deadline = time.monotonic() + 150
+    killed = None
+    while time.monotonic() < deadline and killed is None and proc.poll() is None:
+        if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 10:
+            actors = [p for p in psutil.process_iter(["cmdline"])
+                      if "EpisodeRunner" in " ".join(p.info["cmdline"] or [])]
+            if actors:
+                killed = actors[0].pid
+                actors[0].kill()
+        time.sleep(0.02)
+    assert killed is not None, "no Ray actor found to kill"
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    recs = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    keys = [r["key"] for r in recs]
+    assert len(keys) == len(set(keys)) == n
+    assert all("error" not in r for r in recs)
