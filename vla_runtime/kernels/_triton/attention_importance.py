@@ -1,0 +1,56 @@
+"""Triton kernel: mean attention each visual key receives from the selected query rows, over heads."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attention_importance_kernel(
+    attn_ptr, rows_ptr, out_ptr,
+    H, R, Nk, key_start, scale,
+    s_b, s_h, s_q, s_n,
+    s_ob, s_on,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: batch row pid_b, keys [pid_k * BLOCK_K, +BLOCK_K) of the key range; loops heads x rows.
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    kmask = k < Nk
+    col = (key_start + k).to(tl.int64) * s_n
+    base = attn_ptr + pid_b.to(tl.int64) * s_b
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    hbase = base  # advanced by s_h per head: pointer arithmetic is 64-bit, so no int32 overflow
+    for _h in range(0, H):
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+            rmask = r < R
+            q = tl.load(rows_ptr + r, mask=rmask, other=0).to(tl.int64)
+            x = tl.load(hbase + q[:, None] * s_q + col[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_K)
+            acc += x
+        hbase += s_h
+    res = tl.sum(acc, axis=0) * scale  # (BLOCK_K,)
+    tl.store(out_ptr + pid_b.to(tl.int64) * s_ob + k * s_on, res, mask=kmask)
+
+
+def launch(attn: torch.Tensor, rows: torch.Tensor, start: int, stop: int, *, interpret: bool,
+           block_r: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """attn (B, H, Q, N) any float dtype/strides; rows (R,) int64 contiguous -> (B, stop - start) fp32."""
+    B, H, _, _ = attn.shape
+    R = rows.numel()
+    nk = stop - start
+    out = torch.empty((B, nk), dtype=torch.float32, device=attn.device)
+    if nk == 0 or B == 0:
+        return out
+    # Bigger tiles in the interpreter: its cost is per program instance and per loop trip, not per element.
+    br = block_r or min(triton.next_power_of_2(R), 64 if interpret else 16)
+    bk = block_k or min(triton.next_power_of_2(nk), 512 if interpret else 64)
+    grid = (B, triton.cdiv(nk, bk))
+    _attention_importance_kernel[grid](
+        attn, rows, out, H, R, nk, start, 1.0 / (H * R),
+        *attn.stride(), *out.stride(), BLOCK_R=br, BLOCK_K=bk)
+    return out

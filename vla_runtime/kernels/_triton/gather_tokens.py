@@ -1,0 +1,51 @@
+"""Triton kernel: compact the kept token rows of the hidden state together with their position ids."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_tokens_kernel(
+    h_ptr, pos_ptr, idx_ptr, out_ptr, pos_out_ptr,
+    K, D,
+    s_hb, s_hn, s_hd, s_pb, s_pn, s_ib, s_ik, s_ob, s_ok, s_od, s_qb, s_qk,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: batch pid_b, kept slots [pid_k * BLOCK_K, +BLOCK_K); copies their rows over D in tiles.
+    # Pure copies (no arithmetic), so bf16 is moved bit-exactly, in the interpreter too.
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    kmask = k < K
+    idx = tl.load(idx_ptr + pid_b * s_ib + k * s_ik, mask=kmask, other=0).to(tl.int64)  # source rows
+    pos = tl.load(pos_ptr + pid_b * s_pb + idx * s_pn, mask=kmask, other=0)
+    tl.store(pos_out_ptr + pid_b * s_qb + k * s_qk, pos, mask=kmask)
+    src = h_ptr + pid_b * s_hb + idx[:, None] * s_hn
+    dst = out_ptr + pid_b * s_ob + k.to(tl.int64)[:, None] * s_ok
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = kmask[:, None] & (d < D)[None, :]
+        x = tl.load(src + d[None, :] * s_hd, mask=m, other=0)
+        tl.store(dst + d[None, :] * s_od, x, mask=m)
+
+
+def launch(hidden: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, *, interpret: bool,
+           block_k: int | None = None, block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, N, D), pos (B or 1, N) (a batch stride of 0 broadcasts), idx (B, K) -> ((B, K, D), (B, K))."""
+    B, _, D = hidden.shape
+    K = idx.shape[1]
+    out = torch.empty((B, K, D), dtype=hidden.dtype, device=hidden.device)
+    pos_out = torch.empty((B, K), dtype=pos.dtype, device=hidden.device)
+    if B == 0 or K == 0:
+        return out, pos_out
+    bk = block_k or min(triton.next_power_of_2(K), 128 if interpret else 16)
+    bd = block_d or min(triton.next_power_of_2(max(D, 1)), 2048 if interpret else 256)
+    s_pb = 0 if pos.shape[0] == 1 else pos.stride(0)
+    grid = (B, triton.cdiv(K, bk))
+    _gather_tokens_kernel[grid](hidden, pos, idx, out, pos_out, K, D,
+                                *hidden.stride(), s_pb, pos.stride(1), *idx.stride(), *out.stride(),
+                                *pos_out.stride(), BLOCK_K=bk, BLOCK_D=bd)
+    return out, pos_out
