@@ -150,6 +150,7 @@ def aggregate(records: Iterable[dict[str, Any]], control_hz: float | None = None
         inf = [x for r in ok for x in r.get("inference_ms", [])]
         steps = sum(r["steps"] for r in ok)
         wall = sum(r["wall_s"] for r in ok)
+        loop_s = sum(r.get("loop_s", r["wall_s"]) for r in ok)
         p = percentiles(inf)
         misses = sum(r["deadline_misses"] for r in ok)
         b: dict[str, Any] = {
@@ -157,7 +158,7 @@ def aggregate(records: Iterable[dict[str, Any]], control_hz: float | None = None
             "success_pct": round(100.0 * s / n, 2) if n else None,
             "success_ci95": [round(lo, 2), round(hi, 2)],
             "steps": steps, "wall_s": round(wall, 3),
-            "loop_hz": round(steps / wall, 2) if wall > 0 else None,
+            "loop_hz": round(steps / loop_s, 2) if loop_s > 0 else None,
             "inference_ms_p50": p["p50"], "inference_ms_p95": p["p95"], "inference_ms_p99": p["p99"],
             "inferences": len(inf),
             "deadline_misses": misses,

@@ -89,7 +89,8 @@ class EpisodeResult:
     inference_ms: list[float]
     reaction_ms: list[float]  # obs capture -> first executed action computed from it (sim/wall clock time)
     chunk_infos: list[dict[str, Any]]
-    wall_s: float
+    wall_s: float  # whole episode incl. reset
+    loop_s: float = 0.0  # control loop only (ticks), the basis of loop_hz
     frames: list[np.ndarray] = field(default_factory=list)
     chunk_switches: int = 0
     dropped_actions: int = 0
@@ -111,7 +112,8 @@ class EpisodeResult:
             "inferences": len(self.inference_ms),
             "deadline_misses": self.deadline_misses,
             "wall_s": round(self.wall_s, 4),
-            "loop_hz": round(self.steps / self.wall_s, 3) if self.wall_s > 0 else None,
+            "loop_s": round(self.loop_s, 4),
+            "loop_hz": round(self.steps / self.loop_s, 3) if self.loop_s > 0 else None,
             "inference_ms": [round(x, 3) for x in self.inference_ms],
             "inference_ms_p50": inf["p50"],
             "inference_ms_p95": inf["p95"],
@@ -324,4 +326,5 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
         infer.close()
     return EpisodeResult(spec=episode, success=success, steps=step, ticks=ticks, inference_ms=inference_ms,
                          reaction_ms=reaction_ms, chunk_infos=infos, wall_s=time.perf_counter() - wall0,
+                         loop_s=time.perf_counter() - t_start,
                          frames=frames, chunk_switches=switches, dropped_actions=dropped)
