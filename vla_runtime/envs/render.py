@@ -81,7 +81,13 @@ def setup_gl(backend: str | None = None) -> str:
 
 def _gl_platform_bound() -> bool:
     """True once PyOpenGL/mujoco's GL module was imported: the backend can no longer change in-process."""
-    return any(m in sys.modules for m in ("OpenGL", "mujoco.egl", "mujoco.osmesa", "mujoco.glfw"))
+    return any(m in sys.modules for m in ("OpenGL", "mujoco.gl_context", "mujoco.egl", "mujoco.osmesa"))
+
+
+def _mujoco_bound_backend() -> str | None:
+    """The backend `mujoco.GLContext` was bound to at `import mujoco` ('' = glfw default), None if not yet."""
+    mod = sys.modules.get("mujoco.gl_context")
+    return None if mod is None else str(getattr(mod, "_MUJOCO_GL", ""))
 
 
 def _probe_subprocess(backend: str, timeout: float = 120.0) -> tuple[bool, str]:
@@ -128,6 +134,11 @@ def check_gl() -> str:
             os.environ["MUJOCO_GL"] = "osmesa"
             os.environ["PYOPENGL_PLATFORM"] = "osmesa"
             backend = "osmesa"
+    bound = _mujoco_bound_backend()
+    if bound is not None and bound != backend:
+        raise AssetError(f"mujoco was imported with MUJOCO_GL={bound or '<unset>'} but {backend} is wanted: call "
+                         "vla_runtime.envs.render.prepare_robosuite_import() (or set MUJOCO_GL) before "
+                         "importing mujoco")
     prepare_robosuite_import()  # triton before the GL driver loads
     try:
         _probe_in_process()
@@ -170,6 +181,17 @@ def prepare_robosuite_import() -> None:
                         "mujoco/robosuite")
         else:
             import triton  # noqa: F401  - import order matters, see module docstring
+
+
+def import_robosuite() -> Any:
+    """`prepare_robosuite_import()`, then `import robosuite` without its deprecated-`warn` DeprecationWarnings."""
+    prepare_robosuite_import()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+        import robosuite
+    return robosuite
 
 
 def _has_nag_filter() -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from vla_runtime.envs.base import Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo, check_action
-from vla_runtime.envs.render import apply_fast_render_sim, check_gl, prepare_robosuite_import
+from vla_runtime.envs.render import apply_fast_render_sim, check_gl, import_robosuite
 from vla_runtime.errors import UserError
 from vla_runtime.runtime.types import Observation
 
@@ -91,8 +91,7 @@ class RobosuiteEnv(Env):
     def _build(self) -> Any:
         if self.render:
             check_gl()
-        prepare_robosuite_import()
-        import robosuite
+        robosuite = import_robosuite()
         import robosuite.macros as macros
         from robosuite import load_controller_config
 
@@ -119,6 +118,11 @@ class RobosuiteEnv(Env):
             self._env = self._build()
         # placement sampler and robot init noise use numpy's global RNG: seeding it fixes the episode
         np.random.seed(int(episode.seed) % (2**32))
+        # robosuite 1.4 keeps the gripper's integrated command (`current_action`) across soft resets, so an
+        # episode would depend on how the previous one ended: zero it (a fresh model starts at zero too)
+        for robot in self._env.robots:
+            if getattr(robot, "gripper", None) is not None and hasattr(robot.gripper, "current_action"):
+                robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         self._last_obs = self._env.reset()
         self._t = 0
         return self._observation(self._last_obs)
