@@ -172,3 +172,15 @@ def test_config_validation():
         PolicySpec(chunk_size=4, n_action_steps=5)
     with pytest.raises(ValueError):
         ActionChunk(np.zeros((0, 7)), 0.0)
+
+
+def test_policy_can_request_a_replan(env):
+    class Replanner(ChunkPolicy):
+        def on_action(self, action):
+            return float(action[1]) == pytest.approx(0.02)  # third action of every chunk
+
+    pol = Replanner(chunk=8, n_exec=8)
+    r = run_episode(env, pol, spec0(env), LoopConfig(max_steps=12))
+    # each chunk is cut after its 3rd action: inferences at steps 0, 3, 6, 9
+    assert [o.step for o in pol.calls] == [0, 3, 6, 9]
+    assert r.replans == 4

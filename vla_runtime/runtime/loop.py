@@ -94,6 +94,7 @@ class EpisodeResult:
     frames: list[np.ndarray] = field(default_factory=list)
     chunk_switches: int = 0
     dropped_actions: int = 0
+    replans: int = 0
 
     @property
     def deadline_misses(self) -> int:
@@ -122,6 +123,7 @@ class EpisodeResult:
             "reaction_ms_mean": float(np.mean(self.reaction_ms)) if self.reaction_ms else None,
             "chunk_switches": self.chunk_switches,
             "dropped_actions": self.dropped_actions,
+            "replans": self.replans,
             "stall_ticks": self.deadline_misses,
         }
         rec["accel"] = summarize_chunk_infos(self.chunk_infos)
@@ -235,7 +237,8 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     infos: list[dict[str, Any]] = []
     frames: list[np.ndarray] = []
     awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
-    switches = dropped = 0
+    switches = dropped = replans = 0
+    on_action = getattr(policy, "on_action", None)
 
     wall0 = time.perf_counter()
     obs = env.reset(episode)
@@ -297,6 +300,9 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                 action = hold
             else:
                 action = check_action(action, env.spec)
+                if on_action is not None and on_action(action) and cfg.mode == "sync":
+                    replans += 1
+                    queue.clear()  # the policy asked to replan: infer again at the next tick
             while awaiting_reaction and awaiting_reaction[0][1] <= step and ready:
                 obs_tick, _ = awaiting_reaction.pop(0)
                 reaction_ms.append((step - obs_tick + 1) * period_s * 1e3)
@@ -327,4 +333,5 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     return EpisodeResult(spec=episode, success=success, steps=step, ticks=ticks, inference_ms=inference_ms,
                          reaction_ms=reaction_ms, chunk_infos=infos, wall_s=time.perf_counter() - wall0,
                          loop_s=time.perf_counter() - t_start,
-                         frames=frames, chunk_switches=switches, dropped_actions=dropped)
+                         frames=frames, chunk_switches=switches, dropped_actions=dropped,
+                         replans=replans)

@@ -77,3 +77,10 @@ class Policy(Protocol):
 
     def act(self, obs: Observation) -> ActionChunk:
         """Return a chunk of `spec.chunk_size` actions for `obs`."""
+
+
+# Optional hook a policy may define (the runtime checks with getattr, so the protocol stays minimal):
+#     def on_action(self, action: np.ndarray) -> bool
+# called with every action the runtime executes from the policy's chunks; returning True asks for a replan:
+# the runtime drops the queued rest of the chunk and infers again at the next tick (SpecPrune's controller does
+# this when the robot enters a fine-grained phase mid-chunk).
