@@ -155,7 +155,8 @@ class VLAPolicy:
                                         exit_policy=self.exit_policy, ctx=ctx, timings=timings)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        actions = self.act_norm.unnormalize(a[0].float().cpu().numpy())  # (chunk, A)
+        # targets were in [-1, 1]: clamp before mapping back to the env's range
+        actions = self.act_norm.unnormalize(a[0].float().clamp(-1, 1).cpu().numpy())  # (chunk, A)
         self.memory["prev_actions"] = actions
         info: dict[str, Any] = {k: round(v, 3) for k, v in timings.items()}
         info.update(inference_ms=round((time.perf_counter() - t_start) * 1e3, 3), tokens_per_layer=ctx.tokens_per_layer,

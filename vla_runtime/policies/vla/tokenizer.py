@@ -92,10 +92,16 @@ class HFTokenizer:
     """Adapter over a local `transformers` tokenizer (a real checkpoint's own vocabulary)."""
 
     def __init__(self, path: str | Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+        declared = ""
+        tc = Path(path) / "tokenizer_config.json"
+        if tc.is_file():
+            declared = str(json.loads(tc.read_text()).get("tokenizer_class", ""))
+        # a generic tokenizer.json must not be re-interpreted by the model family's tokenizer class
+        cls = PreTrainedTokenizerFast if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.tok = cls.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the tokenizer in {path}: {e}") from None
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else 0

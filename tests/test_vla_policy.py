@@ -1,0 +1,146 @@
+"""VLAPolicy on the dummy env, checkpoints, the acceleration registry, and resumable training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vla_runtime.envs.base import EpisodeSpec
+from vla_runtime.envs.dummy import DummyReachEnv
+from vla_runtime.errors import UserError
+from vla_runtime.policies import make_policy
+from vla_runtime.policies.scripted.reach import ReachExpert
+from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.modeling import StepContext, VLAModel
+from vla_runtime.policies.vla.policy import ACCELERATIONS, Normalizer, load_vla_policy, save_checkpoint
+from vla_runtime.policies.vla.tokenizer import WordTokenizer
+from vla_runtime.runtime.types import Policy
+from vla_runtime.train.demos import Demo, write_demo
+
+torch.set_num_threads(1)
+TINY = dict(image_size=32, patch_size=8, vision_hidden=16, vision_heads=2, vision_intermediate=32, hidden=32,
+            layers=3, heads=4, kv_heads=2, head_dim=8, intermediate=64, max_text_len=6, chunk_size=4,
+            n_action_steps=2, head_hidden=32)
+
+
+def make_ckpt(d: Path, mode: str = "parallel") -> Path:
+    tok = WordTokenizer.from_instructions(["reach the red target"])
+    cfg = VLAConfig(mode=mode, vocab_size=tok.vocab_size, **TINY)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    stats = {"action_min": [-1.0] * 7, "action_max": [1.0] * 6 + [3.0], "state_min": [-0.5] * 8,
+             "state_max": [0.5] * 8}
+    return save_checkpoint(VLAModel(cfg, bos_id=tok.bos_id), tok, stats, d / f"vla_{mode}")
+
+
+@pytest.mark.parametrize("mode", ["parallel", "ar"])
+def test_policy_act_on_dummy_env(mode: str, tmp_path: Path) -> None:
+    ck = make_ckpt(tmp_path, mode)
+    pol = make_policy(f"vla:{ck}")
+    assert isinstance(pol, Policy) and pol.spec.chunk_size == 4 and pol.spec.n_action_steps == 2
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+    pol.reset(obs.instruction)
+    for _ in range(2):
+        chunk = pol.act(obs)
+        assert chunk.actions.shape == (4, 7) and chunk.actions.dtype == np.float32
+        assert np.isfinite(chunk.actions).all()
+        assert (chunk.actions[:, :6] >= -1 - 1e-5).all() and (chunk.actions[:, :6] <= 1 + 1e-5).all()
+        for k in ("vision_ms", "decoder_ms", "head_ms", "tokens_per_layer", "exit_layer"):
+            assert k in chunk.info
+        assert chunk.info["exit_layer"] == 3 and len(chunk.info["tokens_per_layer"]) == 3
+        assert chunk.stamp == obs.stamp
+        obs = env.step(chunk.actions[0]).obs
+
+
+def test_policy_rejects_bad_inputs(tmp_path: Path) -> None:
+    ck = make_ckpt(tmp_path)
+    with pytest.raises(UserError, match="unknown VLA acceleration"):
+        load_vla_policy(ck, accel=("warp-drive",))
+    with pytest.raises(UserError, match="mode"):
+        load_vla_policy(ck, mode="ar")
+    with pytest.raises(UserError, match="device"):
+        load_vla_policy(ck, device="tpu")
+    pol = load_vla_policy(ck)
+    obs = DummyReachEnv(image_size=32, cameras=("agentview", "side")).reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+    with pytest.raises(UserError, match="camera"):
+        pol.act(obs)
+
+
+class _ExitFirst:
+    attention_layers: frozenset[int] = frozenset()
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        return True
+
+
+def test_acceleration_registry_plugs_strategies_in(tmp_path: Path) -> None:
+    ck = make_ckpt(tmp_path)
+    ACCELERATIONS["exit-first-test"] = lambda model, **kw: _ExitFirst()
+    try:
+        pol = load_vla_policy(ck, accel=("exit-first-test",))
+        obs = DummyReachEnv(image_size=32).reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+        chunk = pol.act(obs)
+        assert chunk.info["exit_layer"] == 1 and chunk.info["accel"] == ["exit-first-test"]
+    finally:
+        del ACCELERATIONS["exit-first-test"]
+
+
+def test_normalizer_round_trip() -> None:
+    n = Normalizer(np.array([-2.0, 0.0, 5.0]), np.array([2.0, 1.0, 5.0]))
+    x = np.array([[1.0, 0.25, 5.0], [-2.0, 1.0, 5.0]], np.float32)
+    y = n.normalize(x)
+    assert np.allclose(y[:, 0], [0.5, -1.0]) and np.allclose(y[:, 2], 0.0)
+    assert np.allclose(n.unnormalize(y), x)
+
+
+def write_dummy_demos(d: Path, n: int = 6) -> None:
+    env = DummyReachEnv(image_size=32)
+    expert = ReachExpert()
+    for s in range(n):
+        obs = env.reset(EpisodeSpec("dummy:reach", "reach", s, s))
+        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
+        for _ in range(10):
+            a = expert(obs)
+            acts.append(a)
+            states.append(obs.state)
+            for c in imgs:
+                imgs[c].append(obs.images[c])
+            r = env.step(a)
+            obs = r.obs
+            if r.done:
+                break
+        instr = "reach the red target" if s % 2 else "touch the red target"
+        write_demo(d, Demo("dummy:reach", "reach", instr, s, np.array(acts), np.array(states),
+                           {c: np.array(v) for c, v in imgs.items()}))
+
+
+@pytest.mark.parametrize("mode", ["parallel", "ar"])
+def test_train_resume_and_act(mode: str, tmp_path: Path) -> None:
+    from vla_runtime.train.train_vla import export_checkpoint, train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    out = tmp_path / "ck"
+    cfg = {k: v for k, v in TINY.items()}
+    r1 = train_vla([data], out, mode=mode, steps=3, batch_size=4, save_every=2, log_every=1, config=cfg,
+                   progress=False, drop_prob=0.5)
+    assert r1["step"] == 3 and np.isfinite(r1["loss"])
+    r2 = train_vla([data], out, mode=mode, steps=5, batch_size=4, save_every=2, log_every=1, progress=False)
+    assert r2["step"] == 5
+    steps = [json.loads(line)["step"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # resumed, not restarted; the log survives checkpoint swaps
+    tok = json.loads((out / "vla_tokenizer.json").read_text())["vocab"]
+    assert "touch" in tok and "reach" in tok
+    shipped = export_checkpoint(out, tmp_path / "ship")
+    assert not (shipped / "train_state.safetensors").exists()
+    assert (shipped / "model.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
+    pol = load_vla_policy(shipped)
+    obs = DummyReachEnv(image_size=32).reset(EpisodeSpec("dummy:reach", "reach", 1, 1))
+    pol.reset("reach the red target")
+    assert pol.act(obs).actions.shape == (4, 7)
+    with pytest.raises(UserError, match="mode"):
+        train_vla([data], out, mode="ar" if mode == "parallel" else "parallel", steps=6, progress=False)
