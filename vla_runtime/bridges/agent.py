@@ -212,7 +212,8 @@ class RobotAgent:
                                    np.asarray(self.robot.hold_action, np.float32), safety)
         self.commands: deque[CommandRecord] = deque(maxlen=log_size)
         self.rx_log: deque[tuple[float, str, int]] = deque(maxlen=log_size)  # (t, kind, seq) accepted
-        self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter()}
+        self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter(),
+                                              "link": Counter()}
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._auth: Any = None
@@ -237,7 +238,7 @@ class RobotAgent:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.limits.max_array_bytes, self.limits.max_header_bytes))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)  # per frame: bigger ones cut the connection
         sock.sndhwm = 1000
         sock.rcvhwm = 1000
         if self.keys_dir is not None:
@@ -327,6 +328,7 @@ class RobotAgent:
         return {"robot": self.robot.name, "mode": "lockstep" if self.lockstep else "realtime",
                 "episodes": self._episodes, "tick": self._tick, "safety": self.safety.summary(),
                 "rx": dict(self.stats["rx"]), "dropped": dict(self.stats["dropped"]), "tx": dict(self.stats["tx"]),
+                "link": dict(self.stats["link"]),
                 "commands": len(self.commands), "overruns": self._overruns,
                 "curve_refused": self._allowed.refused if self._allowed else 0}
 
@@ -393,7 +395,7 @@ class RobotAgent:
     def _accept(self, msg: P.Message, now: float) -> None:
         assert self._session is not None
         if msg.seq > self._session.last_seq + 1:
-            self.stats["dropped"]["seq_gap"] += msg.seq - self._session.last_seq - 1  # lost in transit
+            self.stats["link"]["seq_gap"] += msg.seq - self._session.last_seq - 1  # lost or rejected in between
         self._session.last_seq = msg.seq
         self._session.last_rx = now
 
@@ -415,9 +417,8 @@ class RobotAgent:
             "agent_mono": time.monotonic(), "tick": self._tick, "episode_active": self._episode_active})
 
     def _on_reset(self, identity: bytes, msg: P.Message) -> None:
+        ep = dict(P.req_field(msg.body, "episode", dict, "reset"))
         self._accept(msg, time.monotonic())
-        ep = P.req_field(msg.body, "episode", dict, "reset")
-        ep = dict(ep)
         ep["resolve_init_state"] = bool(msg.body.get("resolve_init_state", False))
         self._queue.clear()
         self.safety.reset()

@@ -93,7 +93,7 @@ class BridgeClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))  # stable per connection: survives TCP reconnects
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.limits.max_array_bytes, self.limits.max_header_bytes))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)  # per frame: bigger ones cut the connection
         sock.rcvhwm = 128
         sock.sndhwm = 128
         sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -1,0 +1,173 @@
+"""Wire format: round trips are exact and zero-copy, every malformed input is a ProtocolError with a code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vla_runtime.bridges import protocol as P
+from vla_runtime.bridges.protocol import Limits, ProtocolError
+from vla_runtime.bridges.safety import SafetyConfig, SafetyFilter
+from vla_runtime.bridges.testing import desc, header, pack
+
+
+def _bytes(frames: list) -> list[bytes]:
+    return [bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in frames]
+
+
+def test_round_trip_exact_for_every_whitelisted_dtype() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "u8": rng.integers(0, 255, (4, 5, 3), dtype=np.uint8),
+        "f32": rng.standard_normal((3, 7)).astype(np.float32),
+        "f64": rng.standard_normal(5),
+        "i32": rng.integers(-9, 9, 6).astype(np.int32),
+        "i64": rng.integers(-2**40, 2**40, 2),
+        "b": np.array([True, False, True]),
+        "empty": np.zeros((0, 7), np.float32),
+    }
+    frames = _bytes(P.encode("obs", 12, {"tick": 3, "nested": {"a": [1, 2.5, "x"]}}, arrays))
+    m = P.decode(frames)
+    assert (m.kind, m.seq, m.body["tick"], m.body["nested"]) == ("obs", 12, 3, {"a": [1, 2.5, "x"]})
+    assert set(m.arrays) == set(arrays)
+    for k, a in arrays.items():
+        assert m.arrays[k].dtype == a.dtype and m.arrays[k].shape == a.shape
+        assert np.array_equal(m.arrays[k], a)
+    assert not m.arrays["u8"].flags.writeable  # a view of the received frame, not a copy
+
+
+def test_big_endian_is_converted_and_unsupported_dtypes_refused() -> None:
+    m = P.decode(_bytes(P.encode("obs", 1, {}, {"x": np.arange(3, dtype=">f4")})))
+    assert m.arrays["x"].dtype == np.dtype("<f4") and m.arrays["x"].tolist() == [0, 1, 2]
+    for bad in (np.zeros(2, np.float16), np.array(["a"]), np.array([object()]), np.zeros(2, np.complex64)):
+        with pytest.raises(ProtocolError) as e:
+            P.encode("obs", 1, {}, {"x": bad})
+        assert e.value.code == "bad_dtype"
+
+
+def test_observation_with_privileged_state_round_trips_bit_exact() -> None:
+    rng = np.random.default_rng(1)
+    priv = {"task": "reach", "target_pos": rng.standard_normal(3), "objs": {"bowl": rng.standard_normal(7)},
+            "k": np.float64(0.1), "ids": [np.int64(3), 4]}
+    imgs = {"agentview": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)}
+    state = rng.standard_normal(8).astype(np.float32)
+    body, arrays = P.obs_to_wire(imgs, state, "do it", 12.5, 4, priv)
+    m = P.decode(_bytes(P.encode("obs", 1, body, arrays)))
+    w = P.obs_from_wire(m.body, m.arrays, state_dim=8, image_size=8)
+    assert w.tick == 4 and w.stamp == 12.5 and w.instruction == "do it"
+    assert np.array_equal(w.images["agentview"], imgs["agentview"]) and np.array_equal(w.state, state)
+    assert w.privileged["task"] == "reach" and w.privileged["k"] == 0.1 and w.privileged["ids"] == [3, 4]
+    assert w.privileged["target_pos"].tobytes() == priv["target_pos"].tobytes()
+    assert w.privileged["objs"]["bowl"].tobytes() == priv["objs"]["bowl"].tobytes()
+    with pytest.raises(ProtocolError) as e:
+        P.obs_from_wire(m.body, m.arrays, state_dim=9)
+    assert e.value.code == "bad_shape"
+
+
+def test_dangling_array_reference_is_rejected() -> None:
+    with pytest.raises(ProtocolError) as e:
+        P.unpack_tree({"x": {"$array": "priv/9"}}, {})
+    assert e.value.code == "bad_field"
+
+
+LIM = Limits(max_header_bytes=1024, max_arrays=4, max_ndim=3, max_dim=1000, max_array_bytes=4096,
+             max_message_bytes=6000, max_str_len=64, max_depth=4)
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([], "frame_count"),
+    ([b"\xc1"], "bad_header"),
+    ([pack([1, 2])], "bad_header"),
+    ([pack({"kind": "obs"})], "bad_header"),
+    ([pack(header("obs", 1, v=2))], "bad_version"),
+    ([pack(header("pickle", 1))], "unknown_kind"),
+    ([pack(header("obs", -1))], "bad_header"),
+    ([pack(header("obs", 1, body={"s": "x" * 65}))], "too_large"),
+    ([pack(header("obs", 1, body={"a": [[[[[[1]]]]]]}))], "bad_header"),
+    ([pack(header("obs", 1, body={"a": b"raw bytes"}))], "bad_header"),
+    ([pack(header("obs", 1, body={"a": msgpack.ExtType(1, b"x")}))], "bad_header"),
+    ([pack(header("obs", 1, body={"pad": "x" * 60, "p2": ["y" * 60] * 20}))], "header_too_large"),
+    ([pack(header("obs", 1, descs=[["x", "float16", [2], 4]])), b"\0" * 4], "bad_dtype"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [-2], 8]])), b"\0" * 8], "bad_shape"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [1, 1, 1, 1], 4]])), b"\0" * 4], "bad_shape"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [2000], 8000]])), b"\0" * 8000], "bad_shape"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [900, 2], 7200]])), b"\0" * 7200], "too_large"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [2], 9]])), b"\0" * 8], "size_mismatch"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [2], 8]])), b"\0" * 7], "size_mismatch"),
+    ([pack(header("obs", 1, descs=[["x", "float32", [2], 8]]))], "frame_count"),
+    ([pack(header("obs", 1)), b"\0"], "frame_count"),
+    ([pack(header("obs", 1, descs=[["x", "bool", [2], 2]])), b"\0\x07"], "bad_field"),
+    ([pack(header("obs", 1, descs=[["x", "uint8", [1], 1], ["x", "uint8", [1], 1]])), b"\0", b"\0"], "bad_field"),
+    ([pack(header("obs", 1, descs=[[f"a{i}", "uint8", [800], 800] for i in range(4)] + [])), *[b"\0" * 800] * 4],
+     None),
+    ([pack(header("obs", 1, descs=[[f"a{i}", "uint8", [1000, 2], 2000] for i in range(3)])), *[b"\0" * 2000] * 3],
+     "too_large"),
+])
+def test_malformed_frames_raise_coded_errors(frames: list[bytes], code: str | None) -> None:
+    if code is None:  # control: a message just inside every limit decodes
+        assert len(P.decode(frames, LIM).arrays) == 4
+        return
+    with pytest.raises(ProtocolError) as e:
+        P.decode(frames, LIM)
+    assert e.value.code == code, e.value.reason
+
+
+def test_direction_whitelist() -> None:
+    frames = _bytes(P.encode("spec", 1, {}))
+    with pytest.raises(ProtocolError) as e:
+        P.decode(frames, allowed_kinds=P.CLIENT_KINDS)
+    assert e.value.code == "unknown_kind"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=200), min_size=0, max_size=5))
+def test_random_bytes_only_ever_raise_protocol_error(frames: list[bytes]) -> None:
+    try:
+        P.decode(frames, LIM)
+    except ProtocolError as e:
+        assert e.code in P.ERROR_CODES
+
+
+json_like = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats() | st.text(max_size=20),
+                         lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                         max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["v", "kind", "seq", "t_mono", "t_wall", "arrays", "body", "x"]), json_like),
+       st.lists(st.binary(max_size=64), max_size=3))
+def test_random_headers_only_ever_raise_protocol_error(h: dict, data: list[bytes]) -> None:
+    try:
+        m = P.decode([pack(h), *data], LIM)
+    except ProtocolError as e:
+        assert e.code in P.ERROR_CODES
+    else:  # anything accepted really is well formed
+        assert m.kind in P.KINDS and m.version == P.PROTOCOL_VERSION and len(m.arrays) == len(data)
+
+
+def test_safety_filter_clamps_rate_limits_and_counts() -> None:
+    f = SafetyFilter(np.full(3, -1, np.float32), np.full(3, 1, np.float32), np.zeros(3, np.float32),
+                     SafetyConfig(max_delta_frac=0.25))  # max change 0.5 per tick; last dim (gripper) exempt
+    out = f.filter(np.array([5.0, 0.2, 1.0], np.float32))
+    assert out.tolist() == np.float32([0.5, 0.2, 1.0]).tolist()  # clamped to 1, then rate limited from hold (0) to 0.5; gripper free
+    assert f.counts["clamped"] == 1 and f.counts["rate_limited"] == 1
+    out = f.filter(np.array([1.0, 0.2, -1.0], np.float32))
+    assert out.tolist() == np.float32([1.0, 0.2, -1.0]).tolist()
+    assert f.held().tolist() == [0, 0, 0]
+    assert f.filter(np.array([1.0, 0.0, 0.0], np.float32)).tolist() == [0.5, 0.0, 0.0]  # from hold again
+    assert f.summary()["rate_limited"] == 2
+
+
+def test_robot_side_imports_no_model_code() -> None:
+    code = ("import sys, vla_runtime.bridges.agent, vla_runtime.bridges.protocol, vla_runtime.bridges.safety, "
+            "vla_runtime.bridges.keys, vla_runtime.bridges.client; "
+            "bad = [m for m in ('torch', 'transformers', 'robosuite', 'mujoco', 'triton', 'pickle_compat') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
