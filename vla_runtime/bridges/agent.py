@@ -171,7 +171,8 @@ class CommandRecord:
     tick: int
     kind: str  # "action" | "hold"
     action: np.ndarray  # float32 (A,) actually commanded (hold action for holds)
-    reason: str = ""  # hold reason: starved | watchdog | stale_age | tick_passed | no_session
+    reason: str = ""  # hold reason: starved | watchdog | stale_age | no_session
+    obs_stamp: float | None = None  # agent-clock stamp of the observation the action answers (None: hold)
 
 
 @dataclass
@@ -473,7 +474,7 @@ class RobotAgent:
         a, start, stamp = self._validate_chunk(msg)  # invalid chunks do not refresh the watchdog
         self._accept(msg, now)
         if self.lockstep:
-            self._run_lockstep(identity, msg, a, start)
+            self._run_lockstep(identity, msg, a, start, stamp)
             return
         # realtime: queue by tick; the newest chunk replaces the queued future from its first tick on
         age = now - stamp
@@ -495,7 +496,7 @@ class RobotAgent:
         self._send(identity, "ack", {"reply_to": msg.seq, "accepted": a.shape[0] - passed, "dropped": passed,
                                      "tick": self._tick})
 
-    def _run_lockstep(self, identity: bytes, msg: P.Message, a: np.ndarray, start: int) -> None:
+    def _run_lockstep(self, identity: bytes, msg: P.Message, a: np.ndarray, start: int, stamp: float) -> None:
         if start != self._tick:
             self.safety.count("tick_passed" if start < self._tick else "rejected_chunk")
             raise ProtocolError("stale", f"lockstep chunk starts at tick {start}, the robot is at tick {self._tick}")
@@ -509,7 +510,7 @@ class RobotAgent:
                 self._episode_active = False
                 log.exception("driver failed to apply an action")
                 raise ProtocolError("internal", f"driver.apply_action failed: {type(e).__name__}: {str(e)[:300]}") from e
-            self.commands.append(CommandRecord(time.monotonic(), self._tick, "action", safe))
+            self.commands.append(CommandRecord(time.monotonic(), self._tick, "action", safe, "", stamp))
             self._tick += 1
             self._last_outcome = self.driver.outcome()
             rewards.append(self._last_outcome.reward)
@@ -560,7 +561,7 @@ class RobotAgent:
             else:
                 safe = self.safety.filter(item[0])
                 self.driver.apply_action(safe)
-                self.commands.append(CommandRecord(now, k, "action", safe))
+                self.commands.append(CommandRecord(now, k, "action", safe, "", item[1]))
             self._last_outcome = self.driver.outcome()
             obs = self.driver.read_observation()
         except Exception:
