@@ -2,18 +2,20 @@
 
 The rule (`choose_backend`), evaluated at *call time* for each call:
   1. a forced backend wins: the op's `backend=` kwarg, else the innermost `use_backend(...)` context;
-  2. "auto": Triton (compiled) when the tensors are on CUDA and triton is importable;
-     the Triton *interpreter* when `TRITON_INTERPRET=1` is set in the environment (CPU tensors then go
-     through the Triton kernel, run by numpy: slow, for tests only);
-     the torch reference otherwise.
+  2. "auto": Triton when the tensors are on CUDA and triton is importable; on CPU tensors, the Triton
+     *interpreter* when `TRITON_INTERPRET=1` is set now (numpy-executed: slow, for tests only); the torch
+     reference otherwise (and whenever triton is unavailable, with one warning).
   Forcing "triton" on CPU tensors without `TRITON_INTERPRET=1` raises UserError (nothing can run it).
 
-Why the env var is read at call time and the kernels are loaded lazily:
-- `triton.jit` decides compiled-vs-interpreted when the decorator runs, i.e. when the module holding the
-  `@triton.jit` functions is imported. The kernel bodies therefore live in `vla_runtime/kernels/_triton/`,
-  imported only on the first Triton-path call, under the `TRITON_INTERPRET` value of that moment; if a later
-  call wants the other mode the module is reloaded (`load_triton_module`). So a test module can set the env
-  var in a fixture, and test modules that import the kernels without it keep getting the torch path.
+The two import-time constraints, and how they are handled:
+- The interpreter/compiled choice is fixed per *process* when `import triton` first runs: `@triton.jit`
+  decides at decoration time, and triton.language's own jit'd helpers (tl.zeros, tl.sum, ...) are decorated
+  when triton is imported. So the interpreter only works if `TRITON_INTERPRET=1` was set before the first
+  `import triton` in the process (and a process that imported triton interpreted runs even CUDA tensors'
+  kernels in the interpreter). `triton_mode()` reports the process's mode; if TRITON_INTERPRET=1 is set but
+  triton was already imported compiled, "auto" uses torch with a warning and a forced "triton" raises.
+  Our own kernel bodies live in `vla_runtime/kernels/_triton/` and are imported lazily, on the first
+  Triton-path call, always decorated in the process's mode (`load_triton_module`).
 - `import triton` after Mesa's GL driver (system libLLVM) is mapped segfaults the process (see
   `vla_runtime/envs/render.py`). `import vla_runtime.kernels` never imports triton; the first Triton-path call
   does, after checking /proc/self/maps: if libLLVM is already loaded, "auto" falls back to torch with one
@@ -51,7 +53,7 @@ _forced: contextvars.ContextVar[str] = contextvars.ContextVar("vla_runtime_kerne
 _last: dict[str, str] = {}
 _loaded_mode: dict[str, bool] = {}  # op -> interpret flag its kernel module was (re)imported under
 _triton_import_ok: bool | None = None  # None until the first attempt
-_warned_fallback = False
+_warned: set[str] = set()
 
 
 def interpret_requested() -> bool:
@@ -73,7 +75,10 @@ def _system_llvm_loaded() -> bool:
 
 
 def triton_importable() -> bool:
-    """Whether `import triton` is (or was) safe and successful here; imports triton on the first True answer."""
+    """Whether `import triton` is (or was) safe and successful here; imports triton on the first True answer.
+
+    The first import fixes the process's interpreter mode from TRITON_INTERPRET as it is at that moment.
+    """
     global _triton_import_ok
     if "triton" in sys.modules:
         return True
@@ -91,6 +96,16 @@ def triton_importable() -> bool:
     return _triton_import_ok
 
 
+def triton_mode() -> str | None:
+    """"interpret" or "compiled": the mode triton was imported in (importing it now if safe); None if unusable."""
+    if not triton_importable():
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return "interpret" if isinstance(tl.zeros, InterpretedFunction) else "compiled"
+
+
 @contextlib.contextmanager
 def use_backend(name: BackendName) -> Iterator[None]:
     """Force a backend for every kernel call in this context (benchmarks compare paths with it)."""
@@ -105,7 +120,6 @@ def use_backend(name: BackendName) -> Iterator[None]:
 
 def choose_backend(op: str, *tensors: torch.Tensor, backend: BackendName | None = None) -> ChosenBackend:
     """Apply the dispatch rule to these input tensors; records and returns the chosen path."""
-    global _warned_fallback
     want = backend if backend is not None else _forced.get()
     if want not in BACKENDS:
         raise UserError(f"unknown kernel backend {want!r}; choose one of {', '.join(BACKENDS)}")
@@ -114,30 +128,35 @@ def choose_backend(op: str, *tensors: torch.Tensor, backend: BackendName | None 
     if on_cuda and not all(t.is_cuda for t in tensors):
         raise UserError(f"{op}: inputs are on different devices "
                         f"({sorted({str(t.device) for t in tensors})}); move them to one device")
-    chosen: ChosenBackend
-    if want == "torch":
+    chosen: ChosenBackend = "torch"
+    if want == "torch" or (want == "auto" and not on_cuda and not interpret_requested()):
         chosen = "torch"
-    elif want == "triton":
+    else:
         if not on_cuda and not interpret_requested():
             raise UserError(f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton "
                             "interpreter); use a CUDA device or backend='torch'")
-        if not triton_importable():
-            raise UserError(f"{op}: backend='triton' but triton cannot be imported safely here (not installed, "
-                            "or Mesa's libLLVM is already loaded: import triton before the simulator)")
-        chosen = "triton" if on_cuda else "triton-interpret"
-    else:  # auto
-        if (on_cuda or interpret_requested()) and triton_importable():
-            chosen = "triton" if on_cuda else "triton-interpret"
+        mode = triton_mode()
+        problem = None
+        if mode is None:
+            problem = ("triton cannot be imported safely here (not installed, or Mesa's libLLVM is already "
+                       "loaded: import triton before the simulator)")
+        elif not on_cuda and mode != "interpret":
+            problem = ("TRITON_INTERPRET=1 is set but triton was first imported without it in this process; "
+                       "the interpreter needs it set before the first `import triton`")
+        if problem is None:
+            chosen = "triton" if mode == "compiled" else "triton-interpret"
+        elif want == "triton":
+            raise UserError(f"{op}: backend='triton' unavailable: {problem}")
         else:
-            if (on_cuda or interpret_requested()) and not _warned_fallback:
-                log.warning("%s: triton unavailable (not installed or unsafe to import after the GL driver); "
-                            "using the torch reference", op)
-                _warned_fallback = True
-            chosen = "torch"
-    if chosen == "triton" and interpret_requested():
-        chosen = "triton-interpret"  # TRITON_INTERPRET=1 also interprets CUDA tensors' kernels
+            _warn_once(f"{op}: using the torch reference: {problem}")
     _last[op] = chosen
     return chosen
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
 
 
 def last_backend(op: str) -> str | None:
@@ -146,16 +165,29 @@ def last_backend(op: str) -> str | None:
 
 
 def load_triton_module(op: str) -> ModuleType:
-    """Import (or re-import) `vla_runtime.kernels._triton.<op>` under the current TRITON_INTERPRET value.
+    """Import `vla_runtime.kernels._triton.<op>`, its `@triton.jit` kernels decorated in the process's mode.
 
-    The `@triton.jit` decorator fixes the mode at import time, so a mode change means a reload.
+    The decorator reads TRITON_INTERPRET when it runs; the env var is pinned to the mode triton itself was
+    imported in for the duration, so our kernels and triton.language's helpers always agree. A module first
+    imported in the other mode (someone imported it directly) is reloaded.
     """
-    interp = interpret_requested()
+    mode = triton_mode()
+    if mode is None:
+        raise UserError(f"{op}: triton is not usable in this process")
+    interp = mode == "interpret"
     name = f"vla_runtime.kernels._triton.{op}"
     mod = sys.modules.get(name)
     if mod is not None and _loaded_mode.get(op) == interp:
         return mod
-    mod = importlib.import_module(name) if mod is None else importlib.reload(mod)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
+    try:
+        mod = importlib.import_module(name) if mod is None else importlib.reload(mod)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
     _loaded_mode[op] = interp
     return mod
 

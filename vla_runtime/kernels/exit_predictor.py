@@ -181,6 +181,6 @@ class ExitMLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(features))).squeeze(-1)
 
     def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            return (self.fc1.weight.t().contiguous(), self.fc1.bias.clone(),
-                    self.fc2.weight.t().contiguous(), self.fc2.bias.clone())
+        params = (self.fc1.weight.t(), self.fc1.bias, self.fc2.weight.t(), self.fc2.bias)
+        w1, b1, w2, b2 = (p.detach().contiguous().clone() for p in params)  # copies: no autograd link
+        return w1, b1, w2, b2
