@@ -1,0 +1,259 @@
+"""`DiffusionPolicy`: the Policy protocol over the diffusion model, with pluggable samplers.
+
+Per `act(obs)`: encode the observation history once (features of frames already encoded are cached by step),
+then run the configured sampler. Samplers:
+  ddpm       ancestral sampling over all T levels
+  ddim<k>    deterministic DDIM with k denoiser calls
+  step<k>    STEP: the predictor proposes the chunk from the observation and the previous chunk (shifted by
+             the steps executed since), it is noised to level `step_start_t` and refined by k DDIM steps;
+             velocity-aware perturbation on a stall; an episode's first chunk falls back to DDIM
+  predictor  the predictor's proposal as is (ablation; first chunk still DDIM)
+
+Checkpoint directory (no pickle): config.json, model.safetensors (weights + normalisation stats as buffers,
+fp16 storage for float weights), optional data.json (which demo seeds were used for training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_runtime.errors import UserError
+from vla_runtime.policies.diffusion.configuration import DiffusionConfig, SamplerConfig
+from vla_runtime.policies.diffusion.modeling import DiffusionModel, center_crop, resize_image, shift_chunk
+from vla_runtime.policies.diffusion.samplers import (NoiseSchedule, action_speed, ddim_sample, ddpm_sample,
+                                                      perturb_warm_start, warm_start_sample)
+from vla_runtime.runtime.types import ActionChunk, Observation, PolicySpec
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DATA_FILE = "data.json"
+
+
+class DiffusionPolicy:
+    """A visuomotor diffusion policy. Keeps the observation history and the previous chunk per episode."""
+
+    def __init__(self, model: DiffusionModel, cfg: DiffusionConfig, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.sched = NoiseSchedule(cfg.schedule)
+        m = cfg.model
+        self.spec = PolicySpec(action_dim=m.action_dim, chunk_size=m.horizon, n_action_steps=m.n_action_steps,
+                               cameras=tuple(m.cameras), image_size=m.image_size, state_dim=m.state_dim,
+                               name=f"diffusion-{cfg.sampler.name}")
+        self._dtype = torch.bfloat16 if cfg.sampler.dtype == "bfloat16" else torch.float32
+        self.reset("")
+
+    # ------------------------------------------------------------------ protocol
+    def reset(self, instruction: str) -> None:
+        """New episode: forget the history, the previous chunk and re-seed the sampler noise."""
+        self._obs: OrderedDict[int, Observation] = OrderedDict()  # step -> obs (last few)
+        self._feat_cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> (F,) features
+        self._prev_norm: torch.Tensor | None = None  # (1, H, A) normalised previous chunk
+        self._prev_env: np.ndarray | None = None  # (H, A) previous chunk in env units
+        self._prev_step = 0
+        seed = self.cfg.sampler.seed
+        self._gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
+
+    def set_sampler(self, sampler: str, **overrides: Any) -> None:
+        """Switch the sampling strategy in place (the denoiser is unchanged): e.g. for a benchmark loop."""
+        self.cfg.sampler = SamplerConfig(**{**self.cfg.sampler.__dict__, "name": sampler, **overrides})
+        self.spec = replace(self.spec, name=f"diffusion-{self.cfg.sampler.name}")
+
+    def observe(self, obs: Observation) -> None:
+        """Optional: record an observation without acting (lets a runtime feed every tick's frame)."""
+        self._obs[int(obs.step)] = obs
+        while len(self._obs) > 4 * self.cfg.model.obs_stride * self.cfg.model.obs_horizon + 2:
+            self._obs.popitem(last=False)
+
+    def act(self, obs: Observation) -> ActionChunk:
+        m, sc = self.cfg.model, self.cfg.sampler
+        missing = [c for c in m.cameras if c not in obs.images]
+        if missing:
+            raise UserError(f"diffusion policy needs cameras {list(m.cameras)}; observation lacks {missing}")
+        self.observe(obs)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = self._encode_history(obs)  # (1, To, F)
+            t1 = time.perf_counter()
+            cond = feats.reshape(1, -1)  # (1, To*F)
+            model_fn = self._model_fn(cond)
+            shape = (1, m.horizon, m.action_dim)
+            kind = sc.kind
+            warm, perturbed, pred_ms, speed = False, False, 0.0, None
+            if kind == "ddpm":
+                x, calls = ddpm_sample(model_fn, self.sched, shape, self._gen)
+            elif kind == "ddim" or self._prev_norm is None:
+                k = sc.k if kind == "ddim" else sc.first_chunk_steps
+                x, calls = ddim_sample(model_fn, self.sched, shape, k, sc.eta, self._gen)
+            else:
+                n_exec = int(np.clip(int(obs.step) - self._prev_step, 0, m.horizon))
+                tp = time.perf_counter()
+                prev = shift_chunk(self._prev_norm, n_exec)  # (1, H, A)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16):
+                    proposal = self.model.predictor(feats.to(self.device, self._dtype),
+                                                    prev.to(self.device, self._dtype),
+                                                    torch.tensor([n_exec], device=self.device))
+                proposal = proposal.float().cpu().clamp(-1, 1)
+                pred_ms = (time.perf_counter() - tp) * 1e3
+                warm = True
+                if kind == "predictor":
+                    x, calls = proposal, 0
+                else:
+                    assert self._prev_env is not None
+                    executed = torch.from_numpy(self._prev_env[:n_exec])
+                    speed = action_speed(executed, sc.stall_dims)
+                    stalled = sc.perturb and speed < sc.stall_eps
+                    proposal = perturb_warm_start(proposal, stalled, sc.sigma_stall, self._gen)
+                    perturbed = bool(stalled)
+                    x, calls = warm_start_sample(model_fn, self.sched, proposal, sc.k, sc.step_start_t, sc.eta,
+                                                 self._gen, noise_scale=1.0 if stalled else sc.sigma_scale)
+            x = x.float().clamp(-1, 1)
+            actions = self.model.unnormalize_action(x.to(self.device))[0].cpu().numpy().astype(np.float32)  # (H, A)
+        t2 = time.perf_counter()
+        self._prev_norm, self._prev_env, self._prev_step = x, actions, int(obs.step)
+        info = {"sampler": sc.name, "denoise_steps": calls, "warm_start": warm, "perturbed": perturbed,
+                "encoder_ms": (t1 - t0) * 1e3, "sampler_ms": (t2 - t1) * 1e3 - pred_ms, "predictor_ms": pred_ms,
+                "inference_ms": (t2 - t0) * 1e3}
+        if speed is not None:
+            info["action_speed"] = speed
+        return ActionChunk(actions=actions, stamp=obs.stamp, info=info)
+
+    # ------------------------------------------------------------------ internals
+    def _model_fn(self, cond: torch.Tensor):  # noqa: ANN202 - returns a ModelFn
+        use_bf16 = self._dtype == torch.bfloat16
+        cond = cond.to(self.device, self._dtype)
+
+        def fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = self.model.unet(x.to(self.device, self._dtype), tt, cond)
+            return out.float().cpu()  # schedule math on CPU in fp32
+
+        return fn
+
+    def _history_steps(self, step: int) -> list[int]:
+        """Steps of the To frames conditioning the chunk at `step`: the nearest recorded frame at or before
+        step - stride*j (the current frame repeated at an episode's start, as in training's padding)."""
+        m = self.cfg.model
+        have = sorted(self._obs)
+        out = []
+        for j in range(m.obs_horizon - 1, -1, -1):
+            want = step - m.obs_stride * j
+            cands = [s for s in have if s <= want]
+            out.append(cands[-1] if cands else have[0])
+        return out
+
+    def _encode_history(self, obs: Observation) -> torch.Tensor:
+        m = self.cfg.model
+        steps = self._history_steps(int(obs.step))
+        todo = [s for s in dict.fromkeys(steps) if s not in self._feat_cache]
+        if todo:
+            imgs = torch.stack([self._preprocess(self._obs[s]) for s in todo])[None]  # (1, n, Ncam, 3, c, c)
+            states = torch.stack([torch.as_tensor(np.asarray(self._obs[s].state, np.float32)) for s in todo])[None]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16):
+                f = self.model.encode(imgs.to(self.device), self.model.normalize_state(states.to(self.device)))
+            for s, fs in zip(todo, f[0].float().cpu()):
+                self._feat_cache[s] = fs
+            while len(self._feat_cache) > 2 * m.obs_horizon + 2:
+                self._feat_cache.popitem(last=False)
+        return torch.stack([self._feat_cache[s] for s in steps])[None]  # (1, To, F)
+
+    def _preprocess(self, obs: Observation) -> torch.Tensor:
+        """uint8 (H, W, 3) per camera -> uint8 (Ncam, 3, crop, crop) exactly as in training (resize, crop)."""
+        m = self.cfg.model
+        out = []
+        for cam in m.cameras:
+            img = np.asarray(obs.images[cam])
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise UserError(f"camera {cam}: expected uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+            small = resize_image(img, m.resize_to)  # (r, r, 3)
+            out.append(center_crop(torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1), m.crop_size))
+        return torch.stack(out)
+
+
+# ---------------------------------------------------------------------- checkpoint I/O
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str | Path, model: DiffusionModel, cfg: DiffusionConfig,
+                    extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write config.json + model.safetensors (+ data.json) atomically. Float weights stored as `dtype`
+    (fp16 halves the size; buffers holding normalisation stats stay fp32)."""
+    from safetensors.torch import save
+
+    d = Path(ckpt_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    stats = {"action_min", "action_max", "state_min", "state_max"}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if v.is_floating_point() and k not in stats:
+            v = v.to(dtype)
+        tensors[k] = v
+    _atomic_write_bytes(d / WEIGHTS_FILE, save(tensors, metadata={"format": "vla_runtime.diffusion/1"}))
+    _atomic_write_bytes(d / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2).encode())
+    if extra is not None:
+        _atomic_write_bytes(d / DATA_FILE, json.dumps(extra, indent=2).encode())
+    return d
+
+
+def load_model(ckpt_dir: str | Path) -> tuple[DiffusionModel, DiffusionConfig]:
+    from safetensors.torch import load_file
+
+    d = Path(ckpt_dir)
+    if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
+        raise UserError(f"{d} is not a diffusion checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = DiffusionConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{d / CONFIG_FILE}: invalid config: {e}") from None
+    model = DiffusionModel(cfg.model)
+    sd = load_file(str(d / WEIGHTS_FILE))
+    ref = model.state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    if missing or unexpected:
+        raise UserError(f"{d / WEIGHTS_FILE} does not match config.json (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    model.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()})
+    return model.float().eval(), cfg
+
+
+def load_diffusion_policy(ckpt_dir: Path | str, device: str = "cpu", sampler: str | None = None,
+                          **kw: Any) -> DiffusionPolicy:
+    """Load a checkpoint directory as a `DiffusionPolicy`.
+
+    sampler: ddpm | ddim<k> | step<k> | predictor (None = the checkpoint's default). Extra keyword arguments
+    override `SamplerConfig` fields (eta, step_start_t, stall_eps, sigma_stall, sigma_scale, perturb, seed,
+    dtype, first_chunk_steps); unknown ones raise UserError."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    model, cfg = load_model(ckpt_dir)
+    known = set(SamplerConfig.__dataclass_fields__)
+    bad = sorted(set(kw) - known)
+    if bad:
+        raise UserError(f"unknown diffusion sampler options {bad}; valid: {sorted(known - {'name'})}")
+    fields_ = {**cfg.sampler.__dict__, **kw}
+    if sampler is not None:
+        fields_["name"] = sampler
+    cfg.sampler = SamplerConfig(**fields_)
+    if cfg.sampler.step_start_t > cfg.schedule.num_train_timesteps:
+        raise UserError(f"step_start_t {cfg.sampler.step_start_t} > T = {cfg.schedule.num_train_timesteps}")
+    return DiffusionPolicy(model, cfg, device=device)
