@@ -241,3 +241,34 @@ def test_dead_agent_is_a_timeout_not_a_hang() -> None:
     with pytest.raises(BridgeTimeout):
         c.request("reset", {"episode": EPISODE}, expect=("obs",))
     c.close(bye=False)
+
+
+def test_remote_env_realtime_steps_and_async_chunks() -> None:
+    from vla_runtime.bridges.client import RemoteEnv
+    from vla_runtime.envs.base import EpisodeSpec
+    from vla_runtime.runtime.types import ActionChunk
+
+    agent, drv = _agent(watchdog_periods=5.0)
+    env = RemoteEnv(agent.endpoint, timeout_s=5.0)
+    try:
+        assert env.mode == "realtime" and env.spec.control_hz == HZ
+        obs = env.reset(EpisodeSpec(env.spec.name, "hover", 0, 0))
+        assert obs.step == 0 and obs.privileged == {"task": "hover"}
+        assert abs(obs.stamp - time.monotonic()) < 5.0  # converted into this process's clock
+        ticks = [obs.step]
+        for i in range(5):
+            r = env.step(_marker(env._tick))  # one action for the tick of the latest observation
+            ticks.append(r.obs.step)
+            assert "safety_total" in r.info
+        assert ticks == sorted(ticks) and len(set(ticks)) == len(ticks)  # every step returns a newer observation
+        # async: a whole chunk aligned to the latest observation's tick, acknowledged, executed on its ticks
+        o = env.latest_observation()
+        seq = env.send_chunk(ActionChunk(np.stack([_marker(o.step + 1 + i, 9) for i in range(6)]), o.stamp), o.step + 1)
+        _wait(lambda: sum(abs(c.action[1] - 0.09) < 1e-6 for c in list(agent.commands)) >= 4)
+        ack = env.client.poll_reply(seq)
+        assert ack is not None and ack.kind == "ack" and ack.body["accepted"] == 6
+    finally:
+        env.close()
+        agent.stop()
+    executed = [c for c in list(agent.commands) if c.kind == "action"]
+    assert executed and all(_intended_tick(c.action) == c.tick for c in executed)
