@@ -105,10 +105,15 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
     return out
 
 
-def bench_vla(source: str | Path | VLAConfig | dict[str, Any], steps: int = 20, out_dir: str | Path | None = None,
+def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int = 20, out_dir: str | Path | None = None,
               device: str = "cpu", dtype: str = "bf16", threads: int | None = 1, accel: Sequence[str] = (),
               keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
-    """Benchmark a checkpoint (or a config with random weights). Writes out_dir/bench.json when out_dir is set."""
+    """Benchmark a checkpoint ("vla:<name>", a name or a directory) or a config with random weights (None: the
+    default config). Writes out_dir/bench.json when out_dir is set; `format_table(result)` prints it."""
+    if source is None:  # the default architecture with random weights
+        source = VLAConfig()
+    if isinstance(source, str) and source.startswith("vla:"):
+        source = source[4:]
     if threads is not None:
         torch.set_num_threads(threads)
     if steps < 1:
@@ -141,7 +146,7 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any], steps: int = 20, 
     b50 = methods[0]["latency_ms_p50"]
     for m in methods:
         m["ratio_to_baseline"] = round(b50 / m["latency_ms_p50"], 3)
-    res = {"bench": "vla", "env": "dummy:reach", "episodes": 0, "seeds": [seed], "baseline": "full",
+    res: dict[str, Any] = {"bench": "vla", "env": "dummy:reach", "episodes": 0, "seeds": [seed], "baseline": "full",
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
                        "dtype": dtype, "matmul_peak_gflops": round(peak, 1),
@@ -156,6 +161,7 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any], steps: int = 20, 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / "bench.json").write_text(json.dumps(res, indent=1))
+    res["table"] = format_table(res)
     return res
 
 

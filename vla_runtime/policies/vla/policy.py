@@ -39,6 +39,23 @@ def register_acceleration(name: str, factory: Callable[..., Any]) -> None:
     ACCELERATIONS[name] = factory
 
 
+# modules whose import registers accelerations; imported lazily (they import this module: no import cycle)
+ACCELERATION_MODULES: tuple[str, ...] = ("vla_runtime.policies.vla.specprune", "vla_runtime.policies.vla.early_exit")
+
+
+def load_accelerations() -> dict[str, Callable[..., Any]]:
+    """Import the built-in acceleration modules (once) so their names are in `ACCELERATIONS`."""
+    import importlib
+
+    for mod in ACCELERATION_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a module not written yet; any other import error propagates
+            if e.name != mod:
+                raise
+    return ACCELERATIONS
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # normalisation
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,6 +154,16 @@ class VLAPolicy:
         self._instruction = instruction
         self._text = self._encode_text(instruction)
 
+    def on_action(self, action: np.ndarray) -> bool:
+        """Runtime hook, per executed action: strategies with `on_action(action, memory)` see it (SpecPrune's
+        phase controller); True asks the runtime to drop the queued rest of the chunk and replan."""
+        replan = False
+        for s in (self.pruner, self.exit_policy):
+            hook = getattr(s, "on_action", None)
+            if hook is not None:
+                replan = bool(hook(action, self.memory)) or replan
+        return replan
+
     def act(self, obs: Observation) -> ActionChunk:
         t_start = time.perf_counter()
         if self._text is None or obs.instruction != self._instruction:
@@ -164,6 +191,10 @@ class VLAPolicy:
                     n_layers=self.model.n_layers, mode=self.cfg.mode, accel=list(self.accel))
         if "decode_exit_layers" in ctx.extra:
             info["decode_exit_layers"] = ctx.extra["decode_exit_layers"]
+        if ctx.tokens_per_layer:  # numeric: the eval summary averages these per episode
+            info["mean_tokens"] = round(float(np.mean(ctx.tokens_per_layer)), 3)
+            info["mean_visual_tokens"] = round(float(np.mean(ctx.visual_per_layer)), 3)
+        info.update(ctx.extra.get("info", {}))  # what the strategies report (pruning mode, kept counts...)
         return ActionChunk(actions=actions, stamp=obs.stamp, info=info)
 
 
@@ -240,6 +271,7 @@ def build_strategies(model: VLAModel, accel: tuple[str, ...], options: dict[str,
     pruner: TokenPruner | None = None
     exit_policy: ExitPolicy | None = None
     options = options or {}
+    load_accelerations()
     for name in accel:
         if name not in ACCELERATIONS:
             known = ", ".join(sorted(ACCELERATIONS)) or "none registered yet"
@@ -278,6 +310,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     unknown_kw = sorted(set(kw) - {"env_name"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
+    load_accelerations()
     for name in accel:  # fail fast, before loading weights
         if name not in ACCELERATIONS:
             known = ", ".join(sorted(ACCELERATIONS)) or "none registered yet"
