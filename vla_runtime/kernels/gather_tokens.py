@@ -7,8 +7,8 @@ A pruned layer loop runs the remaining layers on the kept tokens only, and RoPE 
 so the kept sequence keeps its causal order. Indices come from `keep_indices_from_mask` or
 `topk_keep_indices` (torch: both need a sort or a count, nothing worth a kernel).
 
-Why a kernel: on CUDA the reference is two gathers plus an index expand (three launches and an index copy
-of size B*K*D); the kernel is one launch that reads each kept row once.
+Why a kernel: on CUDA the reference is an index build, a row index_select and a gather (three-four
+launches); the kernel is one launch that reads each kept row once and moves the position ids with it.
 """
 
 from __future__ import annotations
@@ -51,8 +51,13 @@ def gather_tokens_torch(hidden: torch.Tensor, position_ids: torch.Tensor, keep_i
                         check_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: (B, N, D), (B, N), (B, K) -> ((B, K, D), (B, K))."""
     pos, idx = _normalize(hidden, position_ids, keep_idx, check_indices)
-    B, _, D = hidden.shape
-    kept = torch.gather(hidden, 1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
+    B, N, D = hidden.shape
+    # index_select on rows: ~20x faster on CPU than torch.gather with an expanded (B, K, D) index.
+    if B == 1:
+        kept = hidden[0].index_select(0, idx[0]).unsqueeze(0)  # (1, K, D)
+    else:
+        flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * N).reshape(-1)  # (B*K,)
+        kept = hidden.reshape(B * N, D).index_select(0, flat).view(B, idx.shape[1], D)  # (B, K, D)
     pos_kept = torch.gather(pos.expand(B, -1), 1, idx)  # (B, K)
     return kept, pos_kept
 

@@ -54,3 +54,11 @@ def launch(attn: torch.Tensor, rows: torch.Tensor, start: int, stop: int, *, int
         attn, rows, out, H, R, nk, start, 1.0 / (H * R),
         *attn.stride(), *out.stride(), BLOCK_R=br, BLOCK_K=bk)
     return out
+
+
+def aot_signature(dt: str) -> tuple[object, dict[str, str], dict[str, int]]:
+    """(kernel, signature, constexprs) for ahead-of-time compilation checks (`vla_runtime.kernels.aot`)."""
+    sig = {"attn_ptr": f"*{dt}", "rows_ptr": "*i64", "out_ptr": "*fp32", "H": "i32", "R": "i32", "Nk": "i32",
+           "key_start": "i32", "scale": "fp32", **{k: "i32" for k in "s_b s_h s_q s_n s_ob s_on".split()},
+           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+    return _attention_importance_kernel, sig, {"BLOCK_R": 16, "BLOCK_K": 64}

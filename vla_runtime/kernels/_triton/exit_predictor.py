@@ -83,3 +83,14 @@ def launch(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float, lm_
         *w1.stride(), b1.stride(0), w2.stride(0), *logits.stride(),
         BLOCK_C=bc, BLOCK_D=bd, BLOCK_H=bh)
     return score, logits, probs
+
+
+def aot_signature(dt: str) -> tuple[object, dict[str, str], dict[str, int]]:
+    """(kernel, signature, constexprs) for ahead-of-time compilation checks (`vla_runtime.kernels.aot`)."""
+    sig = {"h_ptr": f"*{dt}", "nw_ptr": f"*{dt}", "head_ptr": f"*{dt}", "cand_ptr": "*i64", "prev_ptr": "*fp32",
+           "w1_ptr": "*fp32", "b1_ptr": "*fp32", "w2_ptr": "*fp32", "b2_ptr": "*fp32",
+           "score_ptr": "*fp32", "logit_ptr": "*fp32", "prob_ptr": "*fp32",
+           "D": "i32", "C": "i32", "HD": "i32", "eps": "fp32",
+           **{k: "i32" for k in "s_hb s_hd s_nw s_vr s_vd s_cb s_cc s_pb s_pc s_w1f s_w1h s_b1 s_w2 s_lb s_lc".split()},
+           "BLOCK_C": "constexpr", "BLOCK_D": "constexpr", "BLOCK_H": "constexpr"}
+    return _exit_predictor_kernel, sig, {"BLOCK_C": 4, "BLOCK_D": 1024, "BLOCK_H": 64}

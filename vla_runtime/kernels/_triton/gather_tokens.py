@@ -49,3 +49,12 @@ def launch(hidden: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, *, interp
                                 *hidden.stride(), s_pb, pos.stride(1), *idx.stride(), *out.stride(),
                                 *pos_out.stride(), BLOCK_K=bk, BLOCK_D=bd)
     return out, pos_out
+
+
+def aot_signature(dt: str) -> tuple[object, dict[str, str], dict[str, int]]:
+    """(kernel, signature, constexprs) for ahead-of-time compilation checks (`vla_runtime.kernels.aot`)."""
+    sig = {"h_ptr": f"*{dt}", "pos_ptr": "*i64", "idx_ptr": "*i64", "out_ptr": f"*{dt}", "pos_out_ptr": "*i64",
+           "K": "i32", "D": "i32",
+           **{k: "i32" for k in "s_hb s_hn s_hd s_pb s_pn s_ib s_ik s_ob s_ok s_od s_qb s_qk".split()},
+           "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+    return _gather_tokens_kernel, sig, {"BLOCK_K": 16, "BLOCK_D": 256}

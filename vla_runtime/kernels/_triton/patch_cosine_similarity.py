@@ -53,3 +53,11 @@ def launch(a: torch.Tensor, b: torch.Tensor, eps: float, *, interpret: bool,
     _patch_cosine_kernel[grid](a, b, out, P, D, float(eps), *a.stride(), *b.stride(), *out.stride(),
                                BLOCK_P=bp, BLOCK_D=bd)
     return out
+
+
+def aot_signature(dt: str) -> tuple[object, dict[str, str], dict[str, int]]:
+    """(kernel, signature, constexprs) for ahead-of-time compilation checks (`vla_runtime.kernels.aot`)."""
+    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": "*fp32", "P": "i32", "D": "i32", "eps": "fp32",
+           **{k: "i32" for k in "s_ab s_ap s_ad s_bb s_bp s_bd s_ob s_op".split()},
+           "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"}
+    return _patch_cosine_kernel, sig, {"BLOCK_P": 16, "BLOCK_D": 128}
