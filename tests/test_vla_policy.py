@@ -74,7 +74,11 @@ class _ExitFirst:
     attention_layers: frozenset[int] = frozenset()
 
     def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        ctx.memory["calls"] = ctx.memory.get("calls", 0) + 1
         return True
+
+    def on_action(self, action: np.ndarray, memory: dict) -> bool:
+        return bool(action[2] > 0.5)
 
 
 def test_acceleration_registry_plugs_strategies_in(tmp_path: Path) -> None:
@@ -85,6 +89,12 @@ def test_acceleration_registry_plugs_strategies_in(tmp_path: Path) -> None:
         obs = DummyReachEnv(image_size=32).reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
         chunk = pol.act(obs)
         assert chunk.info["exit_layer"] == 1 and chunk.info["accel"] == ["exit-first-test"]
+        pol.act(obs)
+        assert pol.memory["calls"] == 2  # per-episode memory persists across steps...
+        pol.reset(obs.instruction)
+        assert "calls" not in pol.memory  # ...and is cleared by reset
+        assert pol.on_action(np.array([0, 0, 0.9, 0, 0, 0, 1], np.float32))
+        assert not pol.on_action(np.zeros(7, np.float32))
     finally:
         del ACCELERATIONS["exit-first-test"]
 

@@ -155,13 +155,13 @@ class VLAPolicy:
         self._text = self._encode_text(instruction)
 
     def on_action(self, action: np.ndarray) -> bool:
-        """Runtime hook, per executed action: strategies with `on_action(action, memory)` see it (SpecPrune's
-        phase controller); True asks the runtime to drop the queued rest of the chunk and replan."""
+        """Runtime hook (see runtime/types.py): each executed action goes to strategies that define
+        `on_action(action, memory) -> bool` (e.g. SpecPrune's coarse/fine controller); True asks for a replan."""
         replan = False
-        for s in (self.pruner, self.exit_policy):
-            hook = getattr(s, "on_action", None)
-            if hook is not None:
-                replan = bool(hook(action, self.memory)) or replan
+        for strategy in (self.pruner, self.exit_policy):
+            hook = getattr(strategy, "on_action", None)
+            if hook is not None and hook(action, self.memory):
+                replan = True
         return replan
 
     def act(self, obs: Observation) -> ActionChunk:
