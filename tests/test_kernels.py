@@ -25,6 +25,7 @@ _prev = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before the first `import triton`, which fixes the interpreter mode
 try:
     import vla_runtime.kernels as K
+    from vla_runtime.kernels import bench as K_bench
     from vla_runtime.kernels import dispatch
 
     IN_PROCESS = dispatch.triton_mode() == "interpret"
@@ -388,3 +389,20 @@ def test_kernels_compile_for_gpu_without_one() -> None:
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "sm_90" in ln]
     assert len(lines) == len(K.OPS) and all(" ok " in ln for ln in lines), res.stdout
+
+
+@interp
+def test_bench_kernels_reports_both_paths() -> None:
+    report = K_bench.bench_kernels("cpu", sizes=("tiny",), interpret=True, warmup=0, repeats=1,
+                                   interpret_repeats=1)
+    rows = report["results"]
+    assert [r["op"] for r in rows] == list(K.OPS)
+    for r in rows:
+        assert r["torch_ms"] > 0 and r["triton_ms"] > 0 and r["triton_mode"] == "interpret"
+        assert r["speedup"] is None  # no speed ratio from the interpreter
+        assert r["max_abs_diff"] < 1e-4, r
+    assert "TRITON_INTERPRET" in os.environ  # the fixture's value survives the bench's own toggling
+    torch_only = K_bench.bench_kernels("cpu", sizes=("tiny",), warmup=0, repeats=1, ops=("gather_tokens",))
+    assert len(torch_only["results"]) == 1 and torch_only["results"][0]["triton_ms"] is None
+    with pytest.raises(UserError, match="unknown kernel op"):
+        K_bench.bench_kernels("cpu", ops=("nope",))
