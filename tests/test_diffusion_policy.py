@@ -1,0 +1,255 @@
+"""Diffusion policy: predictor input shifting, batches, act() on the dummy env, checkpoint round trip, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vla_runtime.envs.base import EpisodeSpec
+from vla_runtime.envs.dummy import DummyReachEnv
+from vla_runtime.errors import UserError
+from vla_runtime.policies.diffusion.configuration import DiffusionConfig, ModelConfig, SamplerConfig
+from vla_runtime.policies.diffusion.modeling import DiffusionModel, shift_chunk
+from vla_runtime.policies.diffusion.policy import DiffusionPolicy, load_diffusion_policy, save_checkpoint
+from vla_runtime.runtime.types import ActionChunk
+from vla_runtime.train.train_diffusion import (DemoDataset, chunk_indices, make_batch, minmax_stats, predictor_input,
+                                               train_diffusion, write_dummy_demos)
+
+torch.set_num_threads(1)
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:  # noqa: ANN003
+    base = dict(image_size=32, resize_to=24, crop_size=20, enc_channels=(8, 8, 8), enc_keypoints=4, enc_feat_dim=8,
+                unet_channels=(16, 32), unet_groups=8, time_embed_dim=16, pred_hidden=32, pred_heads=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def tiny_policy(sampler: str = "ddim10", seed: int = 0, **skw) -> DiffusionPolicy:  # noqa: ANN003
+    torch.manual_seed(seed)
+    cfg = DiffusionConfig(model=tiny_model_cfg(), sampler=SamplerConfig(name=sampler, **skw))
+    model = DiffusionModel(cfg.model)
+    with torch.no_grad():  # a non-trivial predictor head so warm starts differ from the shifted chunk
+        model.predictor.head.weight.normal_(0, 0.05)
+    return DiffusionPolicy(model, cfg)
+
+
+def run_episode(policy: DiffusionPolicy, seed: int = 3, chunks: int = 3) -> list[ActionChunk]:
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=seed))
+    policy.reset(obs.instruction)
+    out = []
+    for _ in range(chunks):
+        ch = policy.act(obs)
+        out.append(ch)
+        for a in ch.actions[: policy.spec.n_action_steps]:
+            obs = env.step(a).obs
+    return out
+
+
+# ----------------------------------------------------------------------------- shifting and batches
+
+
+def test_shift_chunk() -> None:
+    c = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1).repeat(1, 1, 2)  # value = index
+    s = shift_chunk(c, 8)
+    assert s[0, :, 0].tolist() == list(range(8, 16)) + [15.0] * 8
+    assert torch.equal(shift_chunk(c, 0), c)
+    assert shift_chunk(c, 16)[0, :, 0].tolist() == [15.0] * 16
+    assert shift_chunk(c, 3)[0, :, 0].tolist() == list(range(3, 16)) + [15.0] * 3
+
+
+def _toy_dataset(lengths: list[int]) -> DemoDataset:
+    n = sum(lengths)
+    starts, ends, s = [], [], 0
+    for L in lengths:
+        starts += [s] * L
+        ends += [s + L] * L
+        s += L
+    acts = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 7)  # action value = global frame index
+    return DemoDataset(images=torch.arange(n, dtype=torch.uint8)[:, None, None, None, None].expand(n, 2, 3, 24, 24).clone(),
+                       states=torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 8), actions=acts,
+                       ep_start=torch.tensor(starts), ep_end=torch.tensor(ends), seeds=list(range(len(lengths))),
+                       env="dummy:reach", task="reach", image_size=24)
+
+
+def test_predictor_input_is_shifted_previous_chunk() -> None:
+    ds = _toy_dataset([40, 30])
+    t = torch.tensor([20, 45])  # interior frames of both episodes
+    n = torch.tensor([8, 8])
+    p = predictor_input(ds.actions, t, ds.ep_start[t], ds.ep_end[t], n, 16)[:, :, 0]
+    # first H-n entries: what the chunk from t-8 planned for steps t..t+7 (ground truth), tail repeats the last
+    assert p[0].tolist() == list(range(20, 28)) + [27.0] * 8
+    assert p[1].tolist() == list(range(45, 53)) + [52.0] * 8
+    # near the episode end the previous chunk is clamped to the last action (padding)
+    t = torch.tensor([35])
+    p = predictor_input(ds.actions, t, ds.ep_start[t], ds.ep_end[t], torch.tensor([8]), 16)[0, :, 0]
+    assert p.tolist() == [35.0, 36, 37, 38, 39] + [39.0] * 11
+    # other executed counts (async runtimes)
+    t = torch.tensor([20])
+    p = predictor_input(ds.actions, t, ds.ep_start[t], ds.ep_end[t], torch.tensor([5]), 16)[0, :, 0]
+    assert p.tolist() == list(range(20, 31)) + [30.0] * 5
+
+
+def test_make_batch_history_and_padding() -> None:
+    ds = _toy_dataset([40, 30])
+    cfg = tiny_model_cfg(obs_stride=8)
+    idx = torch.tensor([3, 20, 68])
+    b = make_batch(ds, cfg, idx, torch.Generator().manual_seed(0), crop=False)
+    # observation frames t-8 and t, clamped to the episode start
+    assert b["states"][:, :, 0].tolist() == [[0.0, 3.0], [12.0, 20.0], [60.0, 68.0]]
+    assert b["images"].shape == (3, 2, 2, 3, 20, 20)
+    assert b["images"][0, 0, 0, 0, 0, 0] == 0 and b["images"][1, 1, 1, 0, 5, 5] == 20
+    # action chunk padded with the last action of its episode
+    assert b["actions"][2, :, 0].tolist() == [68.0, 69.0] + [69.0] * 14
+    assert b["has_prev"].tolist() == [False, True, True]
+    assert chunk_indices(torch.tensor([38]), torch.tensor([0]), torch.tensor([40]), 0, 4).tolist() == [[38, 39, 39, 39]]
+
+
+def test_minmax_stats_constant_dim_maps_to_zero() -> None:
+    x = torch.tensor([[0.0, 2.0], [1.0, 2.0], [0.5, 2.0]])
+    lo, hi = minmax_stats(x)
+    m = DiffusionModel(tiny_model_cfg(action_dim=2))
+    m.action_min.copy_(lo)
+    m.action_max.copy_(hi)
+    n = m.normalize_action(x)
+    assert n[:, 0].tolist() == [-1.0, 1.0, 0.0] and n[:, 1].tolist() == [0.0, 0.0, 0.0]
+    assert torch.allclose(m.unnormalize_action(n), x)
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+@pytest.mark.parametrize("sampler", ["ddim10", "ddim2", "ddpm"])
+def test_act_shapes_on_dummy_env(sampler: str) -> None:
+    p = tiny_policy(sampler)
+    chunks = run_episode(p, chunks=2)
+    for ch in chunks:
+        assert ch.actions.shape == (16, 7) and ch.actions.dtype == np.float32
+        assert np.all(np.isfinite(ch.actions))
+        assert {"denoise_steps", "warm_start", "perturbed", "encoder_ms", "sampler_ms", "predictor_ms"} <= set(ch.info)
+        assert ch.info["denoise_steps"] == {"ddim10": 10, "ddim2": 2, "ddpm": 100}[sampler]
+        assert ch.info["warm_start"] is False
+    assert p.spec.chunk_size == 16 and p.spec.n_action_steps == 8 and p.spec.cameras == ("agentview", "wrist")
+
+
+def test_step_falls_back_on_first_chunk_then_warm_starts() -> None:
+    p = tiny_policy("step2", first_chunk_steps=10)
+    c = run_episode(p, chunks=3)
+    assert c[0].info["warm_start"] is False and c[0].info["denoise_steps"] == 10
+    for ch in c[1:]:
+        assert ch.info["warm_start"] is True and ch.info["denoise_steps"] == 2
+        assert "action_speed" in ch.info
+    p.reset("again")  # a new episode starts cold again
+    assert run_episode(p, chunks=1)[0].info["warm_start"] is False
+
+
+def test_predictor_only_and_stall_perturbation() -> None:
+    c = run_episode(tiny_policy("predictor"), chunks=2)
+    assert c[1].info["denoise_steps"] == 0 and c[1].info["warm_start"] is True
+    # stall threshold above any speed -> every warm start is perturbed; threshold 0 -> never
+    always = run_episode(tiny_policy("step2", stall_eps=1e9), chunks=3)
+    assert all(ch.info["perturbed"] for ch in always[1:])
+    never = run_episode(tiny_policy("step2", stall_eps=0.0), chunks=3)
+    assert not any(ch.info["perturbed"] for ch in never)
+
+
+def test_step_t0_is_predictor_only() -> None:
+    """Warm start noised to level 0 = no refinement: STEP then returns exactly the predictor's chunk."""
+    a = run_episode(tiny_policy("step2", step_start_t=0, perturb=False), chunks=2)
+    b = run_episode(tiny_policy("predictor"), chunks=2)
+    assert a[1].info["denoise_steps"] == 0
+    np.testing.assert_allclose(a[1].actions, b[1].actions, atol=1e-6)
+
+
+def test_same_seed_same_actions() -> None:
+    a = run_episode(tiny_policy("ddim2", seed=0), chunks=2)
+    b = run_episode(tiny_policy("ddim2", seed=0), chunks=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.actions, y.actions)
+
+
+def test_missing_camera_is_user_error() -> None:
+    p = tiny_policy()
+    env = DummyReachEnv(cameras=("agentview",), image_size=32)
+    obs = env.reset(EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=0))
+    with pytest.raises(UserError, match="cameras"):
+        p.act(obs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    p = tiny_policy("step2")
+    save_checkpoint(tmp_path / "fp32", p.model, p.cfg, dtype=torch.float32)
+    files = sorted(f.name for f in (tmp_path / "fp32").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    assert b"pickle" not in (tmp_path / "fp32" / "model.safetensors").read_bytes()[:200]
+    q = load_diffusion_policy(tmp_path / "fp32")
+    assert q.cfg.to_dict() == p.cfg.to_dict()
+    for x, y in zip(run_episode(p, chunks=3), run_episode(q, chunks=3)):
+        np.testing.assert_array_equal(x.actions, y.actions)
+    # fp16 storage (shipped checkpoints): same outputs up to fp16 weight rounding; stats stay fp32
+    save_checkpoint(tmp_path / "fp16", p.model, p.cfg)
+    r = load_diffusion_policy(tmp_path / "fp16", sampler="ddim10")
+    assert torch.equal(r.model.action_min, p.model.action_min)
+    a = run_episode(tiny_policy("ddim10"), chunks=1)[0].actions
+    b = run_episode(r, chunks=1)[0].actions
+    np.testing.assert_allclose(a, b, atol=0.05)
+    assert r.spec.name == "diffusion-ddim10"
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    p = tiny_policy()
+    save_checkpoint(tmp_path, p.model, p.cfg)
+    with pytest.raises(UserError, match="unknown sampler"):
+        load_diffusion_policy(tmp_path, sampler="fast")
+    with pytest.raises(UserError, match="unknown diffusion sampler options"):
+        load_diffusion_policy(tmp_path, sigma=1.0)
+    with pytest.raises(UserError, match="not a diffusion checkpoint"):
+        load_diffusion_policy(tmp_path / "nope")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["typo"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="unknown keys"):
+        load_diffusion_policy(tmp_path)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(UserError):
+        ModelConfig(horizon=10, unet_channels=(16, 32, 64))  # not divisible by 4
+    with pytest.raises(UserError):
+        ModelConfig(crop_size=100, resize_to=84)
+    with pytest.raises(UserError):
+        ModelConfig(cameras=())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_training_decreases_loss_and_resumes(tmp_path: Path) -> None:
+    demos = tmp_path / "demos"
+    write_dummy_demos(demos, 6, image_size=32)
+    out = tmp_path / "ckpt"
+    kw = dict(model_cfg=tiny_model_cfg(), progress=False, log_every=10, save_every=30, lr=2e-3, warmup_steps=5)
+    train_diffusion(demos, out, steps=30, batch_size=16, resume=False, **kw)
+    log = [json.loads(ln) for ln in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20, 30]
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["step"] == 30
+    # resume: continues at 30 (not from scratch) and keeps the log
+    train_diffusion(demos, out, steps=80, batch_size=16, resume=True, **kw)
+    log = [json.loads(ln) for ln in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["pred_loss"] < log[0]["pred_loss"] or log[0]["pred_loss"] < 1e-3
+    data = json.loads((out / "data.json").read_text())
+    assert data["demo_seeds"] == list(range(6)) and data["step"] == 80
+    # the inference checkpoint it wrote loads and acts
+    p = load_diffusion_policy(out, sampler="step2")
+    assert p.cfg.model.image_size == 32
+    assert run_episode(p, chunks=2)[1].actions.shape == (16, 7)
