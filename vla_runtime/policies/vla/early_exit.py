@@ -447,8 +447,12 @@ class EarlyExitPolicy:
         # parallel
         self._prev_chunk: torch.Tensor | None = None
         self._prev_suffix: torch.Tensor | None = None
+        self._layer_kwargs: dict[str, Any] = {}
         if self.mode == "ar":
             self._install_hooks()
+        elif record_chunks:  # parallel bench shadow: keep the latest layer call's kwargs to replay the rest
+            for layer in model.decoder.layers:
+                self._hooks.append(layer.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True))
 
     # ---- device-resident parameters ---------------------------------------------------------------------
     def _ensure_device(self, ref: torch.Tensor) -> None:
@@ -473,6 +477,10 @@ class EarlyExitPolicy:
         for j, layer in enumerate(self.model.decoder.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(j), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(j)))
+
+    def _keep_kwargs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._layer_kwargs = {k: kwargs[k] for k in ("attention_mask", "position_embeddings", "position_ids")
+                              if k in kwargs}
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -699,6 +707,8 @@ class EarlyExitPolicy:
         score = _mlp_score(x, self._params[i])  # (B,)
         if bool((score >= self.threshold(i)).all()):
             self.stats.exits += 1
+            if self.record_chunks:
+                self.stats.chunks.append({"hidden": hidden, "layer": i, "kwargs": dict(self._layer_kwargs)})
             self._end_parallel(i + 1, ctx)
             return True
         return False

@@ -325,6 +325,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
         from vla_runtime.policies.vla.hf_loader import load_hf_vla
 
         model, tok, stats = load_hf_vla(d, mode=mode or "parallel", device=dev, dtype=tdtype)
+    model.checkpoint_dir = str(d)  # strategies find their files next to the weights (<ckpt>/exit_predictors)
     pruner, exit_policy = build_strategies(model, tuple(accel), accel_options)
     return VLAPolicy(model, tok, stats, device=dev, dtype=tdtype, pruner=pruner, exit_policy=exit_policy,
                      name=f"vla:{d.name}", accel=tuple(accel))

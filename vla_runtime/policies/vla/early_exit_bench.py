@@ -1,0 +1,182 @@
+"""`vla-runtime bench earlyexit`: full depth vs early exit (and with SpecPrune on, both ways), one process,
+the same episode specs, via `runtime.bench.compare_methods`.
+
+Extra fields per method (bench.json): `layers_mean` (decoder layers run per decided token (AR) or per chunk
+(parallel), prefill excluded), `exit_frac`, `checks_per_token`, and the agreement with the full model:
+  AR:       `token_agreement_pct`: for each chunk, the full-depth model teacher-forced on the early-exit run's own
+            tokens (from the same prefill KV cache) predicts each decoded token; the share that matches.
+  parallel: `chunk_within_tol_pct` / `chunk_err_mean`: the exited chunk against the chunk the remaining layers
+            would have given (same tokens), max |difference| in normalised action units.
+The shadow replays run after all episodes from states recorded during them, so they never count in latency.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vla_runtime.errors import UserError
+from vla_runtime.policies.vla.early_exit import PREDICTOR_DIR, EarlyExitPolicy, find_policy
+from vla_runtime.policies.vla.modeling import KIND_SUFFIX, LayerKVCache
+
+
+def _default_policy() -> str:
+    from vla_runtime.policies import shipped_checkpoints
+
+    for name, path in shipped_checkpoints().items():
+        try:
+            if json.loads((path / "config.json").read_text()).get("mode") == "ar" and (path / PREDICTOR_DIR).is_dir():
+                return f"vla:{name}"
+        except (OSError, json.JSONDecodeError):
+            continue
+    raise UserError("bench earlyexit needs --policy vla:<checkpoint> (no shipped AR VLA with exit predictors)")
+
+
+@torch.no_grad()
+def ar_token_agreement(pol: EarlyExitPolicy) -> dict[str, Any]:
+    """Replay every recorded chunk at full depth, teacher-forced on its own tokens (see module doc)."""
+    model = pol.model
+    cfg = model.cfg
+    agree, total, agree_exited, total_exited = 0, 0, 0, 0
+    for rec in pol.stats.chunks:
+        toks = torch.tensor(rec["tokens"], dtype=torch.long)[None]  # (1, n)
+        dev = rec["k"][0].device
+        cache = LayerKVCache(model.n_layers)
+        cache.k, cache.v = list(rec["k"]), list(rec["v"])
+        cache.pos, cache.kind, cache.valid = list(rec["pos"]), list(rec["kind"]), list(rec["valid"])
+        n = toks.shape[1]
+        x = model.embed_action_tokens(toks[:, :-1].to(dev)).to(rec["k"][0].dtype)  # (1, n-1, D)
+        pos = torch.arange(cfg.prefix_len + 1, cfg.prefix_len + n, device=dev)[None]
+        kinds = torch.full_like(pos, KIND_SUFFIX)
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        out, _ = model.forward_layers(x, pos, kinds, valid, cache=cache, bidirectional_suffix=False)
+        full = model.head(out).argmax(-1)[0].cpu()  # (n-1,) the full model's token for positions 1..n-1
+        eq = full == toks[0, 1:]
+        exits = torch.tensor(rec["exits"][1:n])  # decode exits (the prefill is entry 0)
+        early = exits < model.n_layers
+        agree += int(eq.sum())
+        total += int(eq.numel())
+        agree_exited += int(eq[early].sum())
+        total_exited += int(early.sum())
+    return {"token_agreement_pct": round(100.0 * agree / total, 2) if total else None,
+            "exited_token_agreement_pct": round(100.0 * agree_exited / total_exited, 2) if total_exited else None,
+            "agreement_tokens": total, "agreement_chunks": len(pol.stats.chunks)}
+
+
+@torch.no_grad()
+def parallel_chunk_agreement(pol: EarlyExitPolicy) -> dict[str, Any]:
+    """Run the layers after each recorded exit on the same tokens; compare the exited chunk with the final one."""
+    model = pol.model
+    S = model.cfg.n_suffix
+    errs: list[float] = []
+    for rec in pol.stats.chunks:
+        h = rec["hidden"]
+        exit_chunk = model.head(model.decoder.norm(h[:, -S:])).float()
+        for j in range(rec["layer"] + 1, model.n_layers):
+            h = model.decoder.layers[j](h, **rec["kwargs"])
+        full_chunk = model.head(model.decoder.norm(h[:, -S:])).float()
+        errs.append(float((exit_chunk - full_chunk).abs().max()))
+    n_chunks = len(pol.stats.exit_layers)
+    n_exit = len(errs)
+    within = sum(e <= pol.cfg.tolerance for e in errs)
+    return {"chunk_within_tol_pct": round(100.0 * (n_chunks - n_exit + within) / n_chunks, 2) if n_chunks else None,
+            "exited_chunk_err_mean": round(float(np.mean(errs)), 4) if errs else None,
+            "exited_chunk_err_max": round(float(np.max(errs)), 4) if errs else None,
+            "tolerance": pol.cfg.tolerance}
+
+
+def summarize(pol: EarlyExitPolicy | None, n_layers: int) -> dict[str, Any]:
+    if pol is None:
+        return {"layers_mean": float(n_layers), "exit_frac": 0.0}
+    ex = pol.stats.exit_layers
+    out: dict[str, Any] = {"layers_mean": round(float(np.mean(ex)), 3) if ex else None,
+                           "exit_frac": round(float(np.mean([e < n_layers for e in ex])), 4) if ex else None,
+                           "checks_per_token": round(pol.stats.checks / len(ex), 3) if ex else None,
+                           "rejected_by_argmax": pol.stats.rejected_by_argmax, "pending_rows": pol.stats.pending_rows,
+                           "exit_layer_hist": np.bincount(np.asarray(ex, int), minlength=n_layers + 1).tolist()
+                           if ex else []}
+    out.update(ar_token_agreement(pol) if pol.mode == "ar" else parallel_chunk_agreement(pol))
+    return out
+
+
+def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path | None,
+                    shadow: bool = True, with_specprune: bool | None = None,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Methods: full, earlyexit, and (when SpecPrune is registered) specprune, specprune+earlyexit.
+
+    Baseline: full. Also reports `ratio_to_specprune` for specprune+earlyexit (early exit on top of pruning).
+    """
+    from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.vla.policy import ACCELERATIONS
+    from vla_runtime.runtime.bench import Method, compare_methods, write_bench
+
+    policy = policy or _default_policy()
+    if not policy.startswith("vla:"):
+        policy = f"vla:{policy}"
+    ck = resolve_checkpoint(policy.partition(":")[2])
+    pred_dir = ck / PREDICTOR_DIR
+    if not pred_dir.is_dir():
+        raise UserError(f"{ck} has no {PREDICTOR_DIR}/: train them first with `vla-runtime train --policy "
+                        f"exit-predictors --checkpoint {ck} --data DEMOS --out {pred_dir}`")
+    if with_specprune is None:
+        try:
+            import vla_runtime.policies.vla.specprune  # noqa: F401  - registers "specprune"
+        except ImportError:
+            pass
+        with_specprune = "specprune" in ACCELERATIONS
+    run_id = uuid.uuid4().hex[:8]
+    n_layers = json.loads((ck / "config.json").read_text())["layers"]
+
+    def ee(name: str) -> dict[str, Any]:
+        return {"predictors": str(pred_dir), "tag": f"{run_id}:{name}", "record_chunks": shadow, **(options or {})}
+
+    methods = [Method("full", policy), Method("earlyexit", policy, accel=("earlyexit",),
+                                              policy_kwargs={"accel_options": {"earlyexit": ee("earlyexit")}})]
+    if with_specprune:
+        methods += [Method("specprune", policy, accel=("specprune",)),
+                    Method("specprune+earlyexit", policy, accel=("specprune", "earlyexit"),
+                           policy_kwargs={"accel_options": {"earlyexit": ee("specprune+earlyexit")}})]
+
+    def extra(m: Any, recs: list[dict[str, Any]]) -> dict[str, Any]:
+        pol = find_policy(f"{run_id}:{m.name}") if "earlyexit" in m.accel else None
+        return summarize(pol, n_layers)
+
+    report = compare_methods("earlyexit", env, methods, episodes, seed, out, baseline="full", extra_fields=extra)
+    rows = {r["name"]: r for r in report["methods"]}
+    if "specprune" in rows and rows["specprune"]["latency_ms_p50"]:
+        r = rows["specprune+earlyexit"]
+        r["ratio_to_specprune"] = round(rows["specprune"]["latency_ms_p50"] / r["latency_ms_p50"], 3)
+    base = rows["full"]
+    for r in report["methods"]:
+        if r["success_pct"] is not None and base["success_pct"] is not None:
+            r["success_delta_pp"] = round(r["success_pct"] - base["success_pct"], 2)
+    report["checkpoint"] = str(ck)
+    report["predictors"] = str(pred_dir)
+    write_bench(report, out)
+    print(format_earlyexit(report))
+    return report
+
+
+def format_earlyexit(report: dict[str, Any]) -> str:
+    def ratio(r: dict[str, Any]) -> str:
+        x = r.get("ratio_to_baseline")
+        return ("-" if x is None else f"{x:.2f}x").rjust(6)
+
+    lines = [f"earlyexit on {report['env']}, {report['episodes']} episodes ({report.get('checkpoint', '')})",
+             f"{'method':22s} {'layers':>7s} {'agree%':>7s} {'success% [CI]':>18s} {'p50 ms':>8s} {'p95 ms':>8s} "
+             f"{'ratio':>6s}"]
+    for r in report["methods"]:
+        ci = r.get("success_ci95") or [0, 0]
+        agree = r.get("token_agreement_pct", r.get("chunk_within_tol_pct"))
+        f = lambda x, w=7, p=1: ("-" if x is None else f"{x:.{p}f}").rjust(w)  # noqa: E731
+        lines.append(f"{r['name']:22s} {f(r.get('layers_mean'), 7, 2)} {f(agree)} "
+                     f"{(f(r.get('success_pct'), 5) + f' [{ci[0]:.0f},{ci[1]:.0f}]').rjust(18)} "
+                     f"{f(r.get('latency_ms_p50'), 8)} {f(r.get('latency_ms_p95'), 8)} "
+                     f"{ratio(r)}"
+                     + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else ""))
+    return "\n".join(lines)
