@@ -1,0 +1,400 @@
+"""SpecPrune: kept-set construction (history really used, frame difference, protected tokens, original positions,
+pruning nothing == no pruning), the phase controller and its replans, the baselines, the registry, the bench.
+
+Kernels vs their references are covered in tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vla_runtime.envs.base import EpisodeSpec
+from vla_runtime.envs.dummy import DummyReachEnv
+from vla_runtime.errors import UserError
+from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.modeling import KIND_VISUAL, StepContext, VLAModel
+from vla_runtime.policies.vla.policy import ACCELERATIONS, VLAPolicy, build_strategies, save_checkpoint
+from vla_runtime.policies.vla.specprune import (ACCEL_PRESETS, MEM_KEY, ControllerConfig, SpecPruneConfig,
+                                                SpecPrunePruner, classify_action, derive_controller_thresholds,
+                                                make_pruner)
+from vla_runtime.policies.vla.tokenizer import WordTokenizer
+from vla_runtime.runtime.loop import LoopConfig, run_episode
+
+torch.set_num_threads(1)
+INSTR = "reach the red target"
+# 32 px, 4 px patches: 64 patches per camera, 128 visual tokens; 8 layers so every stage has room
+TINY = dict(image_size=32, patch_size=4, vision_hidden=16, vision_heads=2, vision_intermediate=32, hidden=32,
+            layers=8, heads=4, kv_heads=2, head_dim=8, intermediate=64, max_text_len=6, chunk_size=4,
+            n_action_steps=4, head_hidden=32)
+STATS = {"action_min": [-1.0] * 7, "action_max": [1.0] * 7, "state_min": [-0.5] * 8, "state_max": [0.5] * 8}
+
+
+def tiny_model(mode: str = "parallel", seed: int = 0) -> tuple[VLAModel, WordTokenizer]:
+    tok = WordTokenizer.from_instructions([INSTR])
+    cfg = VLAConfig(mode=mode, vocab_size=tok.vocab_size, **TINY)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    m = VLAModel(cfg, bos_id=tok.bos_id).eval()
+    m.decoder.config._attn_implementation = "eager"  # exact comparisons between captured and plain layers
+    return m, tok
+
+
+def inputs(model: VLAModel, tok: WordTokenizer, seed: int = 1) -> dict[str, torch.Tensor]:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ids = tok.encode(INSTR)
+    t = torch.zeros(1, cfg.max_text_len, dtype=torch.long)
+    t[0, :len(ids)] = torch.tensor(ids)
+    v = torch.zeros(1, cfg.max_text_len, dtype=torch.bool)
+    v[0, :len(ids)] = True
+    return {"images": torch.rand(1, len(cfg.cameras), 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1,
+            "state": torch.rand(1, cfg.state_dim, generator=g) * 2 - 1, "text_ids": t, "text_valid": v}
+
+
+class Recorder:
+    """Wraps a pruner; records, per layer, the tokens entering it and the indices the pruner returned."""
+
+    def __init__(self, inner: SpecPrunePruner) -> None:
+        self.inner = inner
+        self.attention_layers = inner.attention_layers
+        self.log: list[dict[str, Any]] = []
+
+    def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+        assert ctx.positions is not None and ctx.kinds is not None
+        keep = self.inner.before_layer(layer_idx, ctx)
+        self.log.append({"layer": layer_idx, "pos": ctx.positions.clone(), "kinds": ctx.kinds.clone(),
+                         "keep": None if keep is None else keep.clone()})
+        return keep
+
+
+def step(model: VLAModel, pruner: Any, x: dict[str, torch.Tensor], memory: dict[str, Any], obs_step: int
+         ) -> tuple[torch.Tensor, StepContext]:
+    ctx = StepContext(n_layers=model.n_layers, mode=model.cfg.mode, memory=memory)
+    ctx.extra["step"] = obs_step
+    return model.predict(x["images"], x["state"], x["text_ids"], x["text_valid"], pruner=pruner, ctx=ctx)
+
+
+def visual_ids(ctx: StepContext) -> set[int]:
+    assert ctx.positions is not None and ctx.kinds is not None
+    return set((ctx.positions[0][ctx.kinds[0] == KIND_VISUAL] - 1).tolist())
+
+
+def kept_after_static(rec: Recorder, prune_layer: int) -> set[int]:
+    """Patch ids entering the layer after the static cut."""
+    e = next(e for e in rec.log if e["layer"] == prune_layer + 1)
+    return set((e["pos"][0][e["kinds"][0] == KIND_VISUAL] - 1).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kept-set construction
+# ---------------------------------------------------------------------------------------------------------------
+def test_protected_tokens_never_dropped_and_positions_preserved() -> None:
+    model, tok = tiny_model()
+    rec = Recorder(make_pruner(model, "specprune", budget_coarse=0.1, floor=4))
+    memory: dict[str, Any] = {}
+    for s in range(3):
+        step(model, rec, inputs(model, tok, seed=s), memory, obs_step=4 * s)
+    first = rec.log[0]
+    non_vis = set(first["pos"][0][first["kinds"][0] != KIND_VISUAL].tolist())
+    cuts = 0
+    for j, e in enumerate(rec.log):
+        pos, kinds = e["pos"][0], e["kinds"][0]
+        # every BOS / proprio / text / action token enters every layer, at its layout position
+        assert non_vis <= set(pos.tolist())
+        if e["keep"] is not None:
+            cuts += 1
+            keep = e["keep"][0]
+            assert bool((keep[1:] > keep[:-1]).all())  # sorted, no repeats
+            kept_pos = pos[keep]
+            assert non_vis <= set(kept_pos.tolist())
+            # positions travel with the rows: the next layer sees exactly the gathered original ids
+            nxt = rec.log[j + 1]  # (the last layer never cuts here)
+            assert nxt["layer"] == e["layer"] + 1 and torch.equal(nxt["pos"][0], kept_pos)
+        assert bool((pos[1:] > pos[:-1]).all())  # never renumbered: strictly increasing layout ids
+    assert cuts >= 3 * 2  # static cut + at least one dynamic cut per step
+    # with 10 % of 128 visual tokens kept the static cut leaves 13, dynamic pruning never goes below the floor
+    vis_counts = [int((e["kinds"][0] == KIND_VISUAL).sum()) for e in rec.log]
+    assert max(vis_counts) == model.cfg.n_visual and min(vis_counts) >= 4
+    assert vis_counts[3] == 13
+
+
+def test_pruning_nothing_equals_unpruned_output() -> None:
+    model, tok = tiny_model()
+    x = inputs(model, tok)
+    ref, ref_ctx = step(model, None, x, {}, 0)
+    pr = make_pruner(model, "specprune", budget_coarse=1.0, budget_fine=1.0, dynamic_keep=1.0)
+    mem: dict[str, Any] = {}
+    for s in range(2):  # also on a step with history and a reference frame
+        out, ctx = step(model, pr, x, mem, 8 * s)
+        assert torch.equal(out, ref)
+        assert ctx.tokens_per_layer == ref_ctx.tokens_per_layer
+    assert mem[MEM_KEY]["history"] is not None  # the pruner did run its stages
+
+
+def test_history_is_filled_and_changes_the_kept_set() -> None:
+    """Global history: the previous inference's most important patches are kept; ablating it changes the set."""
+    model, tok = tiny_model()
+    opts = dict(budget_coarse=0.25, local_k_coarse=0.05, history_k=0.15, dynamic=True)
+    x1, x2 = inputs(model, tok, seed=1), inputs(model, tok, seed=2)
+    kept: dict[bool, set[int]] = {}
+    for use_history in (True, False):
+        pr = make_pruner(model, "specprune", use_history=use_history, **opts)
+        rec = Recorder(pr)
+        mem: dict[str, Any] = {}
+        _, ctx1 = step(model, rec, x1, mem, 0)
+        if use_history:
+            hist = mem[MEM_KEY]["history"]
+            assert hist is not None and hist.shape == (1, model.cfg.n_visual)
+            # importance is recorded exactly for the patches that survived to the last layer
+            assert set((hist[0] >= 0).nonzero().squeeze(1).tolist()) == visual_ids(ctx1)
+            top = pr._per_camera_topk(hist, round(0.15 * pr.P))[0].nonzero().squeeze(1).tolist()
+        rec.log.clear()
+        _, ctx2 = step(model, rec, x2, mem, 4)
+        kept[use_history] = kept_after_static(rec, pr.cfg.prune_layer)
+        if use_history:
+            assert set(top) <= kept[True]  # the history top-k is in this step's kept set
+            assert ctx2.extra["info"]["prune_history_k"] == len(top) > 0
+    assert len(kept[True]) == len(kept[False]) == 32
+    assert kept[True] != kept[False]
+
+
+def test_frame_difference_keeps_changed_patches_first() -> None:
+    model, tok = tiny_model()
+    pr = make_pruner(model, "specprune", use_local=False, use_history=False, dynamic=False, budget_coarse=0.25,
+                     prev_t_min=1, prev_t_max=1)
+    x = inputs(model, tok)
+    mem: dict[str, Any] = {}
+    step(model, pr, x, mem, 0)
+    x2 = {k: v.clone() for k, v in x.items()}
+    # change 5 patches of camera 0 (patch row 0, columns 0-4) and 3 of camera 1 (row 7, columns 5-7)
+    x2["images"][0, 0, :, 0:4, 0:20] = -x2["images"][0, 0, :, 0:4, 0:20]
+    x2["images"][0, 1, :, 28:32, 20:32] = -x2["images"][0, 1, :, 28:32, 20:32]
+    rec = Recorder(pr)
+    _, ctx = step(model, rec, x2, mem, 4)
+    changed = {0, 1, 2, 3, 4} | {64 + 7 * 8 + c for c in (5, 6, 7)}
+    kept = kept_after_static(rec, pr.cfg.prune_layer)
+    assert changed <= kept and len(kept) == 32
+    assert ctx.extra["info"]["prune_static_patches"] == 128 - len(changed)
+
+
+def test_frame_lookback_adapts_to_motion() -> None:
+    model, tok = tiny_model()
+    pr = make_pruner(model, "specprune", prev_t_min=1, prev_t_max=6, motion_ref=0.5)
+    mem: dict[str, Any] = {}
+    x = inputs(model, tok)
+    step(model, pr, x, mem, 0)
+    for _ in range(4):
+        pr.on_action(np.zeros(7, np.float32), mem)  # at rest: look back prev_t_max steps
+    _, ctx = step(model, pr, x, mem, 4)
+    assert ctx.extra["info"]["prune_prev_t"] == 6
+    for _ in range(4):
+        pr.on_action(np.array([1, 0, 0, 0, 0, 0, 0], np.float32), mem)  # fast: the shortest lookback
+    _, ctx = step(model, pr, x, mem, 8)
+    assert ctx.extra["info"]["prune_prev_t"] == 1
+
+
+def test_baselines_keep_the_budget() -> None:
+    model, tok = tiny_model()
+    x = inputs(model, tok)
+    sets = {}
+    for name in ("prune-random", "prune-fastv", "prune-framediff"):
+        pr = make_pruner(model, name, budget=0.2)
+        rec = Recorder(pr)
+        mem: dict[str, Any] = {}
+        step(model, rec, x, mem, 0)
+        sets[name] = kept_after_static(rec, pr.cfg.prune_layer)
+        assert len(sets[name]) == 26  # ceil(0.2 * 128)
+        # no dynamic stage: the count stays the same to the last layer
+        assert int((rec.log[-1]["kinds"][0] == KIND_VISUAL).sum()) == 26
+    assert pr.attention_layers == frozenset() and make_pruner(model, "prune-fastv").attention_layers == {0, 1}
+    assert sets["prune-random"] != sets["prune-fastv"]
+    # random pruning is reproducible per episode: a fresh memory replays the same draws
+    pr = make_pruner(model, "prune-random", budget=0.2)
+    again = Recorder(pr)
+    step(model, again, x, {}, 0)
+    assert kept_after_static(again, 2) == sets["prune-random"]
+
+
+def test_ar_mode_prefill_is_pruned() -> None:
+    model, tok = tiny_model(mode="ar")
+    pr = make_pruner(model, "specprune", budget_coarse=0.25)
+    out, ctx = step(model, pr, inputs(model, tok), {}, 0)
+    assert out.shape == (1, model.cfg.chunk_size, model.cfg.action_dim)
+    assert ctx.tokens_per_layer[0] > ctx.tokens_per_layer[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# controller
+# ---------------------------------------------------------------------------------------------------------------
+FAST = np.array([0.8, 0.6, 0.0, 0, 0, 0, -1], np.float32)  # transport
+SLOW = np.array([0.1, 0.0, 0.1, 0, 0, 0, -1], np.float32)  # approach
+DESCEND = np.array([0.0, 0.05, -0.6, 0, 0, 0, -1], np.float32)  # vertical descent onto the object
+LIFT = np.array([0.0, 0.0, 0.9, 0, 0, 0, 1], np.float32)
+
+
+def test_classify_action_hysteresis() -> None:
+    c = ControllerConfig()
+    assert classify_action(FAST, "coarse", c, False) == "coarse"
+    assert classify_action(SLOW, "coarse", c, False) == "fine"
+    assert classify_action(DESCEND, "coarse", c, False) == "coarse"  # fast: not a reason to enter fine
+    assert classify_action(DESCEND, "fine", c, False) == "fine"  # ... but no reason to leave it
+    assert classify_action(LIFT, "fine", c, False) == "coarse"
+    assert classify_action(FAST, "fine", c, False) == "coarse"
+    rot = np.array([0.0, 0.0, 0.0, 0.6, 0, 0, 1], np.float32)
+    assert classify_action(rot, "fine", c, chunk_used=False) == "fine"
+    assert classify_action(rot, "fine", c, chunk_used=True) == "coarse"
+
+
+def test_controller_switches_replans_and_sets_the_budget() -> None:
+    model, tok = tiny_model()
+    pr = make_pruner(model, "specprune", budget_coarse=0.25, budget_fine=0.5, dynamic=False,
+                     ctrl={"start_step": 4})
+    mem: dict[str, Any] = {}
+    x = inputs(model, tok)
+    _, ctx = step(model, pr, x, mem, 0)
+    assert ctx.extra["info"]["prune_mode"] == "coarse" and ctx.extra["info"]["prune_budget"] == 32
+    # slow actions before start_step do not switch
+    assert [pr.on_action(SLOW, mem) for _ in range(4)] == [False] * 4 and pr.mode(mem) == "coarse"
+    _, ctx = step(model, pr, x, mem, 4)
+    assert ctx.extra["info"]["prune_modes_executed"] == "cccc"
+    assert pr.on_action(FAST, mem) is False
+    assert pr.on_action(SLOW, mem) is True  # coarse -> fine mid-chunk: replan
+    assert pr.mode(mem) == "fine" and mem[MEM_KEY]["replans"] == 1
+    _, ctx = step(model, pr, x, mem, 6)
+    info = ctx.extra["info"]
+    assert info["prune_mode"] == "fine" and info["prune_fine"] == 1 and info["prune_budget"] == 64
+    assert info["prune_modes_executed"] == "cf"
+    assert [pr.on_action(a, mem) for a in (DESCEND, SLOW, LIFT)] == [False, False, False]
+    assert pr.mode(mem) == "coarse"
+    for _ in range(4):
+        pr.on_action(FAST, mem)
+    assert pr.on_action(SLOW, mem) is False  # entering fine at the chunk's end: nothing left to replan
+
+
+def test_controller_off_never_switches() -> None:
+    model, _ = tiny_model()
+    pr = make_pruner(model, "specprune-nocontroller", ctrl={"start_step": 0})
+    mem: dict[str, Any] = {}
+    assert not any(pr.on_action(SLOW, mem) for _ in range(6)) and pr.mode(mem) == "coarse"
+
+
+def test_replan_through_the_runtime(tmp_path: Path) -> None:
+    """VLAPolicy.on_action forwards to the pruner; the runtime drops the queue and infers again."""
+    model, tok = tiny_model()
+    # every action counts as slow: the controller enters fine at the first action after start_step
+    pr = make_pruner(model, "specprune", ctrl={"start_step": 2, "fine_speed": 10.0, "leave_xy": 10.0,
+                                               "leave_z": 10.0, "leave_rot": 10.0})
+    pol = VLAPolicy(model, tok, {k: np.asarray(v, np.float32) for k, v in STATS.items()}, dtype=torch.float32,
+                    pruner=pr, accel=("specprune",))
+    env = DummyReachEnv(image_size=32)
+    r = run_episode(env, pol, EpisodeSpec("dummy:reach", "reach", 0, 0), LoopConfig(max_steps=20))
+    assert r.replans == 1
+    # inference at step 0 (4 actions queued), replan after the 3rd action, then every 4 steps
+    assert len(r.inference_ms) == 1 + 1 + (20 - 3 - 1) // 4
+    modes = [i["prune_mode"] for i in r.chunk_infos]
+    assert modes[0] == "coarse" and set(modes[1:]) == {"fine"}
+    assert r.chunk_infos[1]["prune_modes_executed"] == "ccf"
+    # a new episode starts coarse again (memory cleared by reset)
+    r2 = run_episode(env, pol, EpisodeSpec("dummy:reach", "reach", 1, 1), LoopConfig(max_steps=4))
+    assert r2.chunk_infos[0]["prune_mode"] == "coarse"
+
+
+def test_derive_controller_thresholds() -> None:
+    rng = np.random.default_rng(0)
+    eps = []
+    for _ in range(5):
+        fast = np.tile([0.7, 0.7, 0.0, 0, 0, 0, -1.0], (30, 1))
+        slow = np.concatenate([rng.uniform(-0.1, 0.1, (13, 2)), rng.uniform(-0.3, -0.1, (13, 1)),
+                               np.zeros((13, 3)), -np.ones((13, 1))], 1)
+        slow[10:, 6] = 1.0  # grasp after 10 slow steps
+        lift = np.tile([0.0, 0.0, 0.9, 0, 0, 0, 1.0], (20, 1))
+        eps.append(np.concatenate([fast, slow, lift]))
+    cfg, stats = derive_controller_thresholds(eps)
+    assert stats["n_fine"] == 5 * 13
+    assert 0.1 < cfg.fine_speed < 0.35 and cfg.leave_z < 0.9 and cfg.leave_xy > cfg.fine_xy
+    assert classify_action(eps[0][35], "coarse", cfg, False) in ("fine", "coarse")
+    assert classify_action(np.array([0.0, 0.0, -0.1, 0, 0, 0, -1]), "coarse", cfg, False) == "fine"
+    assert classify_action(eps[0][0], "coarse", cfg, False) == "coarse"
+    assert classify_action(eps[0][-1], "fine", cfg, False) == "coarse"
+    with pytest.raises(UserError):
+        derive_controller_thresholds([np.zeros((5, 3))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config, registry, policy integration, bench
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [dict(budget_coarse=0.0), dict(budget_fine=1.5), dict(local_layers=(0, 2)),
+                                 dict(local_queries=("image",)), dict(prev_t_min=3, prev_t_max=2),
+                                 dict(variant="magic"), dict(static=False, dynamic=False), dict(ema_alpha=0.0),
+                                 dict(ctrl={"fine_speed": -1.0})])
+def test_config_validation(bad: dict[str, Any]) -> None:
+    with pytest.raises(UserError):
+        SpecPruneConfig(**bad)
+
+
+def test_registry_and_options() -> None:
+    model, _ = tiny_model()
+    for name in ACCEL_PRESETS:
+        pruner, exit_policy = build_strategies(model, (name,), {name: {"budget": 0.3}})
+        assert isinstance(pruner, SpecPrunePruner) and exit_policy is None and name in ACCELERATIONS
+    with pytest.raises(UserError, match="unknown SpecPrune options"):
+        build_strategies(model, ("specprune",), {"specprune": {"budgett": 0.3}})
+    with pytest.raises(UserError, match="prune_layer"):
+        make_pruner(model, "specprune", prune_layer=8, local_layers=(0,))
+    assert make_pruner(model, "specprune").dynamic_layers == (4, 6)  # quarters of 8 layers after layer 2
+    assert make_pruner(model, "specprune-dynamic").dynamic_layers == (2, 4, 6)
+
+
+def make_ckpt(d: Path) -> Path:
+    model, tok = tiny_model()
+    return save_checkpoint(model, tok, STATS, d / "vla_tiny")
+
+
+def test_eval_cli_with_specprune(tmp_path: Path) -> None:
+    ck = make_ckpt(tmp_path)
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "vla_runtime.cli", "eval", "--env", "dummy:reach", "--policy",
+                        f"vla:{ck}", "--accel", "specprune", "--episodes", "1", "--out", str(out),
+                        "--max-steps", "12", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((out / "eval_info.json").read_text())
+    agg = info["aggregated"]
+    assert agg["episodes"] == 1
+    assert agg["mean_mean_visual_tokens"] < 128 and "mean_prune_fine" in agg
+
+
+def test_bench_specprune_on_dummy(tmp_path: Path) -> None:
+    from vla_runtime.policies.vla.specprune import bench_specprune
+
+    ck = make_ckpt(tmp_path)
+    rep = bench_specprune(env="dummy:reach", policy=f"vla:{ck}", episodes=1, seed=0, out=tmp_path / "b",
+                          options={"budget_coarse": 0.2}, progress=False)
+    names = [m["name"] for m in rep["methods"]]
+    assert names == ["no-pruning", "specprune", "specprune-static", "specprune-dynamic", "specprune-nocontroller",
+                     "prune-random", "prune-fastv", "prune-framediff"]
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved["baseline"] == "no-pruning" and len(saved["methods"]) == 8
+    by = {m["name"]: m for m in saved["methods"]}
+    assert by["no-pruning"]["mean_visual_tokens_per_layer"] == 128
+    assert by["specprune"]["mean_visual_tokens_per_layer"] < by["specprune-static"]["mean_visual_tokens_per_layer"]
+    # the baselines spend (up to rounding) the visual tokens per layer SpecPrune spent
+    assert abs(by["prune-random"]["mean_visual_tokens_per_layer"]
+               - by["specprune"]["mean_visual_tokens_per_layer"]) <= 1.0
+    for m in saved["methods"]:
+        assert m["ratio_to_baseline"] is not None and "success_ci95" in m
+
+
+def test_bench_needs_a_vla(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vla_runtime.policies as pols
+    from vla_runtime.policies.vla.specprune import bench_specprune
+
+    monkeypatch.setattr(pols, "list_policies", lambda: ["scripted"])
+    with pytest.raises(UserError, match="needs a VLA"):
+        bench_specprune(env="dummy:reach", policy="", episodes=1)
