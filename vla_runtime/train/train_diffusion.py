@@ -63,9 +63,11 @@ class DemoDataset:
         return int(self.actions.shape[0])
 
 
-def load_demos(data_dir: str | Path, cameras: tuple[str, ...], resize_to: int,
+def load_demos(data_dir: str | Path | list[str | Path], cameras: tuple[str, ...], resize_to: int,
                max_demos: int | None = None) -> DemoDataset:
-    files = list_demos(data_dir)
+    """Load every demo of one directory or a list of directories (frames resized once to resize_to)."""
+    dirs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
+    files = [f for d in dirs for f in list_demos(d)]
     if max_demos is not None:
         files = files[:max_demos]
     imgs, states, actions, starts, ends, seeds = [], [], [], [], [], []
@@ -178,7 +180,7 @@ def _lr_factor(step: int, tc: TrainConfig) -> float:
 # ---------------------------------------------------------------------------- training
 
 
-def train_diffusion(data_dir: str | Path, out_dir: str | Path, steps: int = 20000, batch_size: int = 64,
+def train_diffusion(data_dir: str | Path | list[str | Path], out_dir: str | Path, steps: int = 20000, batch_size: int = 64,
                     resume: bool = True, model_cfg: ModelConfig | None = None, progress: bool = True,
                     **train_overrides: Any) -> dict[str, Any]:
     """Train (or resume) and write checkpoints to out_dir. Returns a summary (final losses, samples/s)."""
@@ -237,7 +239,8 @@ def train_diffusion(data_dir: str | Path, out_dir: str | Path, steps: int = 2000
     print(f"[train_diffusion] params: encoders {count_params(model.encoders) / 1e6:.2f}M, unet "
           f"{count_params(model.unet) / 1e6:.2f}M, predictor {count_params(model.predictor) / 1e6:.2f}M", flush=True)
 
-    extra = {"demo_dir": str(data_dir), "demo_seeds": sorted(ds.seeds), "frames": len(ds)}
+    extra = {"demo_dir": [str(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else str(data_dir),
+             "demo_seeds": sorted(ds.seeds), "frames": len(ds)}
     base_lrs = [tc.lr, tc.pred_lr]
     m = cfg.model
     H = m.horizon
@@ -370,7 +373,7 @@ def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the visuomotor diffusion policy (resumable).")
-    ap.add_argument("--data-dir", required=True, help="directory of demo *.hdf5 files")
+    ap.add_argument("--data-dir", required=True, help="directory of demo *.hdf5 files (comma-separated for several)")
     ap.add_argument("--out-dir", required=True, help="checkpoint directory (resumed if it holds a training state)")
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -381,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
-        s = train_diffusion(a.data_dir, a.out_dir, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
+        dirs = [d for d in a.data_dir.split(",") if d]
+        s = train_diffusion(dirs if len(dirs) > 1 else dirs[0], a.out_dir, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                             progress=not a.no_progress, num_threads=a.threads, save_every=a.save_every,
                             max_demos=a.max_demos)
     except UserError as e:
