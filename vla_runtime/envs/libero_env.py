@@ -72,12 +72,15 @@ class _TaskSim:
     body_ids: np.ndarray  # (n_bodies,) int
     geom_ids: np.ndarray  # (n_geoms,) collision geoms of those bodies' subtrees
     geom_owner: np.ndarray  # (n_geoms,) index into `bodies`
+    obb_center: np.ndarray  # (n_bodies, 3) collision box centre in the body frame (origins are not centres)
+    obb_half: np.ndarray  # (n_bodies, 3) collision box half sizes in the body frame
     movable: list[str]  # objects with a free joint
     movable_qadr: np.ndarray  # (n_movable,) qpos address of each free joint
     goal: tuple[str, str, str]  # e.g. ("in", "alphabet_soup_1", "basket_1_contain_region")
     goal_site_id: int  # site id of the goal region, -1 if the goal names a body
     goal_body_id: int  # body id of the goal object, -1 if the goal names a site
     eef_site_id: int
+    base_body_id: int  # robot0_base
 
 
 def _benchmark(suite: str) -> Any:
@@ -250,6 +253,7 @@ class LiberoEnv(Env):
                  and (m.geom_contype[g] != 0 or m.geom_conaffinity[g] != 0)]
         geom_ids = np.array(geoms, dtype=np.int64)
         geom_owner = owner_of_body[m.geom_bodyid[geom_ids]]
+        obb_center, obb_half = self._body_frame_boxes(sim, body_ids, geom_ids, geom_owner)
         movable, qadr = [], []
         for name, obj in inner.objects_dict.items():
             if not obj.joints:
@@ -264,9 +268,32 @@ class LiberoEnv(Env):
         goal_site_id = sim.model.site_name2id(goal[2]) if goal[2] in site_names else -1
         goal_body_id = int(inner.obj_body_id[goal[2]]) if goal[2] in inner.obj_body_id else -1
         self._sim = _TaskSim(index=index, env=env, init_states=init_states, bodies=bodies, body_ids=body_ids,
-                             geom_ids=geom_ids, geom_owner=geom_owner, movable=movable,
+                             geom_ids=geom_ids, geom_owner=geom_owner, obb_center=obb_center,
+                             obb_half=obb_half, movable=movable,
                              movable_qadr=np.array(qadr, dtype=np.int64), goal=goal, goal_site_id=goal_site_id,
-                             goal_body_id=goal_body_id, eef_site_id=sim.model.site_name2id("gripper0_grip_site"))
+                             goal_body_id=goal_body_id, eef_site_id=sim.model.site_name2id("gripper0_grip_site"),
+                             base_body_id=sim.model.body_name2id("robot0_base"))
+
+    @staticmethod
+    def _body_frame_boxes(sim: Any, body_ids: np.ndarray, geom_ids: np.ndarray,
+                          geom_owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each body's collision bounding box in its own frame: (n_bodies, 3) centre and half sizes.
+
+        Taken once per task from the built model's current pose; for articulated fixtures (drawers) it is the
+        box at that pose. Experts combine it with the live body rotation to get the object's oriented box.
+        """
+        m, d = sim.model._model, sim.data._data
+        nb = len(body_ids)
+        lo = np.full((nb, 3), np.inf)
+        hi = np.full((nb, 3), -np.inf)
+        for g, k in zip(geom_ids, geom_owner):
+            rb = d.xmat[body_ids[k]].reshape(3, 3)
+            rg = d.geom_xmat[g].reshape(3, 3)
+            c = rb.T @ (d.geom_xpos[g] + rg @ m.geom_aabb[g, :3] - d.xpos[body_ids[k]])
+            h = np.abs(rb.T @ rg) @ m.geom_aabb[g, 3:]
+            lo[k] = np.minimum(lo[k], c - h)
+            hi[k] = np.maximum(hi[k], c + h)
+        return (lo + hi) / 2, (hi - lo) / 2
 
     # ------------------------------------------------------------------------------------ fresh placement
     def _fresh_reset(self, ts: _TaskSim, seed: int) -> None:
@@ -351,9 +378,10 @@ class LiberoEnv(Env):
 
         task, suite, instruction-independent goal (`goal`: predicate, object, region), `target_object` (the
         object to move) and `container` (basket / plate), `objects` (tracked names), per object
-        `{name}_pos`, `{name}_quat` (body origin; origins are not centres) and `{name}_aabb` ((2, 3) world
-        collision AABB lo/hi), `goal_pos` (goal region site or goal body origin), `goal_half_size` (site
-        region half sizes, zeros for a body), `eef_pos`, `eef_quat`, `gripper_qpos`.
+        `{name}_pos`, `{name}_quat` (body origin; origins are not centres), `{name}_aabb` ((2, 3) world
+        collision AABB lo/hi) and the oriented collision box `{name}_obb_center` (world), `{name}_obb_half`
+        (half sizes along the body axes) and `{name}_obb_rot` ((3, 3) body axes in world), `goal_pos` (goal region site or goal body origin), `goal_half_size` (site
+        region half sizes, zeros for a body), `eef_pos`, `eef_quat`, `gripper_qpos`, `robot_base_pos`.
         """
         ts = self._sim
         assert ts is not None and self._info is not None
@@ -370,12 +398,17 @@ class LiberoEnv(Env):
             "eef_pos": np.array(raw["robot0_eef_pos"], dtype=np.float64),
             "eef_quat": np.array(raw["robot0_eef_quat"], dtype=np.float64),
             "gripper_qpos": np.array(raw["robot0_gripper_qpos"], dtype=np.float64),
+            "robot_base_pos": d.xpos[ts.base_body_id].copy(),
         }
         for k, (name, bid) in enumerate(zip(ts.bodies, ts.body_ids)):
             p[f"{name}_pos"] = d.xpos[bid].copy()
             w, x, y, z = d.xquat[bid]
             p[f"{name}_quat"] = np.array([x, y, z, w])
             p[f"{name}_aabb"] = np.stack([lo[k], hi[k]])
+            rot = d.xmat[bid].reshape(3, 3).copy()
+            p[f"{name}_obb_rot"] = rot  # (3, 3) body frame -> world
+            p[f"{name}_obb_center"] = d.xpos[bid] + rot @ ts.obb_center[k]  # (3,) world
+            p[f"{name}_obb_half"] = ts.obb_half[k].copy()  # (3,) half sizes along the body axes
         if ts.goal_site_id >= 0:
             sid = ts.goal_site_id
             p["goal_pos"] = d.site_xpos[sid].copy()
