@@ -163,3 +163,30 @@ def test_expert_noise_changes_actions_but_is_seeded(lift_fast: RobosuiteEnv) -> 
     a2 = make_robosuite_expert("Lift", noise=0.1, seed=3)(obs)
     assert not np.allclose(a0, a1)
     np.testing.assert_array_equal(a1, a2)
+
+
+def test_two_render_envs_in_one_process_render_the_same_frames(lift_render: RobosuiteEnv) -> None:
+    """robosuite renders into whatever GL context is current; building or freeing another env changes it.
+
+    Two envs stepping alternately, with a third built and closed in between, must still give identical frames.
+    """
+    other = make_env("robosuite:Lift", render=True, image_size=SIZE)
+    try:
+        oa = lift_render.reset(ep("Lift", 21))
+        ob = other.reset(ep("Lift", 21))
+        tmp = make_env("robosuite:Lift", render=True, image_size=SIZE)
+        tmp.reset(ep("Lift", 5))
+        tmp.close()
+        del tmp
+        import gc
+
+        gc.collect()  # frees the closed env's GL context: robosuite's free() releases the current context
+        a = np.array([0.3, -0.2, 0.1, 0.0, 0.0, 0.1, -1.0], np.float32)
+        for _ in range(3):
+            oa = lift_render.step(a).obs
+            ob = other.step(a).obs
+        for k in ("agentview", "wrist"):
+            np.testing.assert_array_equal(oa.images[k], ob.images[k])
+            assert oa.images[k].std() > 10  # a real scene, not a blank or noise-free buffer
+    finally:
+        other.close()

@@ -97,12 +97,17 @@ class RobosuiteEnv(Env):
 
         self._flip = macros.IMAGE_CONVENTION == "opengl"
         s = self.spec.image_size
+        # model-time randomness (Lift's cube size is drawn in [0.020, 0.022] m when the model is built) comes
+        # from the global RNG too: build under a fixed seed so every instance, in any process, is the same
+        rng_state = np.random.get_state()
+        np.random.seed(0)
         env = robosuite.make(
             self.task, robots="Panda", controller_configs=load_controller_config(default_controller="OSC_POSE"),
             has_renderer=False, has_offscreen_renderer=self.render, use_camera_obs=self.render,
             camera_names=self._rs_cams or "agentview", camera_heights=s, camera_widths=s,
             control_freq=int(CONTROL_HZ), horizon=self._info.max_steps, ignore_done=True,
             reward_shaping=False, hard_reset=False, render_camera=None)
+        np.random.set_state(rng_state)
         if self.render and self.fast_render:
             apply_fast_render_sim(env.sim)
         return env
@@ -123,6 +128,7 @@ class RobosuiteEnv(Env):
         for robot in self._env.robots:
             if getattr(robot, "gripper", None) is not None and hasattr(robot.gripper, "current_action"):
                 robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
+        self._activate_gl()
         self._last_obs = self._env.reset()
         self._t = 0
         return self._observation(self._last_obs)
@@ -131,6 +137,7 @@ class RobosuiteEnv(Env):
         if self._env is None:
             raise UserError(f"{self.spec.name}: step() before reset()")
         a = check_action(action, self.spec)
+        self._activate_gl()
         raw, reward, _, _ = self._env.step(a.astype(np.float64))
         self._last_obs = raw
         self._t += 1
@@ -144,6 +151,19 @@ class RobosuiteEnv(Env):
             self._env = None
 
     # -------------------------------------------------------------------------------------------- helpers
+    def _activate_gl(self) -> None:
+        """Make this env's GL context current before robosuite renders.
+
+        robosuite makes its context current only when creating it, and freeing any context calls
+        `eglReleaseThread()`, which unbinds whatever context is current. So with two render envs in one
+        process, or after another env was closed/garbage-collected, robosuite would render into the wrong
+        or no context: garbage images (seen here: noise frames after a second env was built).
+        """
+        if self.render:
+            ctx = getattr(self._env.sim, "_render_context_offscreen", None)
+            if ctx is not None:
+                ctx.gl_ctx.make_current()
+
     @property
     def sim(self) -> Any:
         """The underlying robosuite MjSim (for tests and debugging; policies must not use it)."""
