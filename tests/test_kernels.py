@@ -194,7 +194,11 @@ def test_gather_tokens_keep_all_keep_none_and_broadcast(backend: str) -> None:
     one, _ = K.gather_tokens(hidden[1:2], pos1, idx.unsqueeze(0), backend=backend)  # B == 1
     assert torch.equal(one, hidden[1:2, idx])
     if backend == "triton":  # tiles smaller than K and D: loops and masks
-        out, _ = K.gather_tokens_triton(hidden, pos1, idx, block_k=2, block_d=8)
+        out, _ = K.gather_tokens_triton(hidden, pos1, idx, block_k=2, block_d=8)  # one program loops D
+        assert torch.equal(out, hidden[:, idx])
+        out, p = K.gather_tokens_triton(hidden, pos1, idx, block_k=2, block_d=8, chunk_d=8)  # GPU-style D grid
+        assert torch.equal(out, hidden[:, idx]) and torch.equal(p, idx.expand(3, 3))
+        out, _ = K.gather_tokens_triton(hidden, pos1, idx, block_k=2, block_d=4, chunk_d=16)  # 2 chunks x 4 tiles
         assert torch.equal(out, hidden[:, idx])
 
 

@@ -54,6 +54,7 @@ _last: dict[str, str] = {}
 _loaded_mode: dict[str, bool] = {}  # op -> interpret flag its kernel module was (re)imported under
 _triton_import_ok: bool | None = None  # None until the first attempt
 _warned: set[str] = set()
+_triton_mode: str | None = None  # cached by triton_mode()
 
 
 def interpret_requested() -> bool:
@@ -98,12 +99,16 @@ def triton_importable() -> bool:
 
 def triton_mode() -> str | None:
     """"interpret" or "compiled": the mode triton was imported in (importing it now if safe); None if unusable."""
+    global _triton_mode
+    if _triton_mode is not None:
+        return _triton_mode  # fixed for the life of the process once triton is imported
     if not triton_importable():
         return None
     from triton.runtime.interpreter import InterpretedFunction
     import triton.language as tl
 
-    return "interpret" if isinstance(tl.zeros, InterpretedFunction) else "compiled"
+    _triton_mode = "interpret" if isinstance(tl.zeros, InterpretedFunction) else "compiled"
+    return _triton_mode
 
 
 @contextlib.contextmanager

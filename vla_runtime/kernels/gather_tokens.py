@@ -63,13 +63,13 @@ def gather_tokens_torch(hidden: torch.Tensor, position_ids: torch.Tensor, keep_i
 
 
 def gather_tokens_triton(hidden: torch.Tensor, position_ids: torch.Tensor, keep_idx: torch.Tensor, *,
-                         check_indices: bool = True, block_k: int | None = None,
-                         block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         check_indices: bool = True, block_k: int | None = None, block_d: int | None = None,
+                         chunk_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel (compiled on CUDA, interpreted on CPU with TRITON_INTERPRET=1); block sizes for tests."""
     pos, idx = _normalize(hidden, position_ids, keep_idx, check_indices)
     mod = load_triton_module(OP)
     return mod.launch(hidden, pos, idx, interpret=interpret_requested() or not hidden.is_cuda,
-                      block_k=block_k, block_d=block_d)
+                      block_k=block_k, block_d=block_d, chunk_d=chunk_d)
 
 
 def gather_tokens(hidden: torch.Tensor, position_ids: torch.Tensor, keep_idx: torch.Tensor, *,
