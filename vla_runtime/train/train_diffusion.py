@@ -342,8 +342,11 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: int = 32) -> list[Path]:
-    """Synthetic demos from the simulator-free reach env and its expert (tests and pipeline development)."""
+def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: int = 32,
+                      speed: float = 0.25) -> list[Path]:
+    """Synthetic demos from the simulator-free reach env and its expert (tests and pipeline development).
+
+    speed scales the expert's motion so episodes last ~15-30 steps (longer than one 16-step chunk)."""
     from vla_runtime.envs.base import EpisodeSpec
     from vla_runtime.envs.dummy import DummyReachEnv
     from vla_runtime.policies.scripted.reach import ReachExpert
@@ -359,6 +362,7 @@ def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: i
         done = False
         while not done:
             a = expert(obs)
+            a[:3] *= speed
             acts.append(a)
             states.append(obs.state)
             for c in env.spec.cameras:

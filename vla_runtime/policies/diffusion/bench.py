@@ -58,3 +58,121 @@ def bench_step(env: str = "robosuite:Lift", policy: str = "", episodes: int = 10
     arms = [Method(name=m, policy=policy, sampler=m, loop=LoopConfig(clock="unpaced", mode="sync"),
                    policy_kwargs=dict(policy_kwargs)) for m in methods]
     return compare_methods("step", env, arms, episodes, seed, out, baseline=methods[0], extra_fields=_split_fields)
+
+
+def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim2", "step2", "step4", "predictor"),
+                  chunks: int = 40, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Per-chunk latency of each sampler on synthetic observations (no simulator), interleaved chunk by chunk
+    so machine load drifts hit every sampler alike. Steady state: an episode's first chunk (always DDIM for
+    STEP) is excluded. Returns {sampler: {p50, p95, encoder_ms, sampler_ms, predictor_ms, denoise_steps}}."""
+    import torch
+
+    from vla_runtime.policies.diffusion.policy import load_diffusion_policy
+    from vla_runtime.runtime.metrics import percentiles
+    from vla_runtime.runtime.types import Observation
+
+    torch.set_num_threads(threads)
+    pols = {s: load_diffusion_policy(Path(ckpt), sampler=s) for s in samplers}
+    spec = next(iter(pols.values())).spec
+    rng = np.random.default_rng(seed)
+    frames = [{c: rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for c in spec.cameras}
+              for _ in range(4)]
+    rec: dict[str, list[dict[str, Any]]] = {s: [] for s in samplers}
+    per_episode = 6
+    for i in range(chunks + chunks // per_episode + 1):
+        step = (i % per_episode) * spec.n_action_steps
+        obs = Observation(images=frames[i % 4], state=rng.uniform(-0.2, 0.2, spec.state_dim).astype(np.float32),
+                          instruction="", stamp=0.0, step=step)
+        for s, p in pols.items():
+            if step == 0:
+                p.reset("")
+            info = p.act(obs).info
+            if step > 0:
+                rec[s].append(info)
+    out: dict[str, Any] = {}
+    for s, infos in rec.items():
+        pc = percentiles([r["inference_ms"] for r in infos])
+        out[s] = {"p50_ms": round(pc["p50"], 2), "p95_ms": round(pc["p95"], 2),
+                  **{k: round(float(np.median([r[k] for r in infos])), 2)
+                     for k in ("encoder_ms", "sampler_ms", "predictor_ms", "denoise_steps")}}
+    return out
+
+
+def offline_eval(ckpt: str | Path, data_dir: str | Path, n: int = 128, t_starts: tuple[int, ...] = (10, 20, 30, 40, 60),
+                 ks: tuple[int, ...] = (2, 4), seed: int = 0, threads: int = 1) -> dict[str, Any]:
+    """Chunk error against the demos' ground truth (normalised units, mean L2 per action) for DDIM(k), STEP(k,
+    t_start) and predictor-only, on n random demo frames that have a previous chunk.
+
+    STEP's previous chunk is the policy's own DDIM-10 output 8 steps earlier (as at run time), not the ground
+    truth. This is an open-loop proxy used to pick `step_start_t`; success is measured closed-loop."""
+    import torch
+
+    from vla_runtime.policies.diffusion.modeling import shift_chunk
+    from vla_runtime.policies.diffusion.policy import load_model
+    from vla_runtime.policies.diffusion.samplers import NoiseSchedule, ddim_sample, warm_start_sample
+    from vla_runtime.train.train_diffusion import load_demos, make_batch
+
+    torch.set_num_threads(threads)
+    model, cfg = load_model(ckpt)
+    m = cfg.model
+    sched = NoiseSchedule(cfg.schedule)
+    ds = load_demos(data_dir, m.cameras, m.resize_to)
+    gen = torch.Generator().manual_seed(seed)
+    ne = m.n_action_steps
+    ok = torch.nonzero(torch.arange(len(ds)) - ne >= ds.ep_start).flatten()
+    idx = ok[torch.randint(0, len(ok), (n,), generator=gen)]
+
+    def feats_for(frames: torch.Tensor) -> torch.Tensor:
+        b = make_batch(ds, m, frames, gen, crop=False)
+        with torch.inference_mode():
+            return model.encode(b["images"], model.normalize_state(b["states"]))
+
+    def model_fn(cond: torch.Tensor):  # noqa: ANN202
+        def fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return model.unet(x, torch.full((x.shape[0],), t, dtype=torch.long), cond).float()
+        return fn
+
+    shape = (n, m.horizon, m.action_dim)
+    f_prev, f_now = feats_for(idx - ne), feats_for(idx)
+    gt = model.normalize_action(make_batch(ds, m, idx, gen, crop=False)["actions"])
+    fn_now = model_fn(f_now.reshape(n, -1))
+    prev, _ = ddim_sample(model_fn(f_prev.reshape(n, -1)), sched, shape, 10, 0.0, gen)
+    err = lambda x: round(float((x - gt).norm(dim=-1).mean()), 4)  # noqa: E731
+    res: dict[str, Any] = {"frames": n}
+    for k in (10, *ks):
+        res[f"ddim{k}"] = err(ddim_sample(fn_now, sched, shape, k, 0.0, gen)[0])
+    with torch.inference_mode():
+        prop = model.predictor(f_now, shift_chunk(prev, ne), torch.full((n,), ne)).float().clamp(-1, 1)
+    res["predictor"] = err(prop)
+    res["shifted_prev"] = err(shift_chunk(prev, ne))
+    for k in ks:
+        for ts in t_starts:
+            res[f"step{k}@{ts}"] = err(warm_start_sample(fn_now, sched, prop, k, ts, 0.0, gen)[0])
+    return res
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(description="Diffusion sampler latency (synthetic observations) or, with "
+                                             "--offline DATA_DIR, open-loop chunk error against demos")
+    ap.add_argument("ckpt")
+    ap.add_argument("--offline", default=None, help="demo directory: run offline_eval instead of latency")
+    ap.add_argument("--frames", type=int, default=128)
+    ap.add_argument("--samplers", default="ddim10,ddim2,step2,step4,predictor")
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    if a.offline:
+        print(json.dumps(offline_eval(a.ckpt, a.offline, n=a.frames, threads=a.threads), indent=1))
+        raise SystemExit(0)
+    res = bench_latency(a.ckpt, tuple(a.samplers.split(",")), a.chunks, a.threads)
+    base = res[a.samplers.split(",")[0]]["p50_ms"]
+    for s, r in res.items():
+        print(f"{s:10s} p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f}  ratio {base / r['p50_ms']:5.2f}x  "
+              f"enc {r['encoder_ms']:.2f}  sampler {r['sampler_ms']:.2f}  pred {r['predictor_ms']:.2f}  "
+              f"calls {r['denoise_steps']:.0f}")
+    print(json.dumps({"loadavg": os.getloadavg(), "results": res}))
