@@ -83,6 +83,9 @@ def test_attention_importance_batch_strides_and_small_blocks() -> None:
     ref = K.attention_importance_torch(attn, rows, (5, 60))
     out = K.attention_importance_triton(attn, rows, (5, 60), block_r=2, block_k=16)
     _close(out, ref)
+    for hpg in (1, 2):  # heads split over programs (the GPU layout), partials summed
+        _close(K.attention_importance_triton(attn, rows, (5, 60), block_r=4, block_k=32, heads_per_program=hpg),
+               ref)
     assert not torch.allclose(out[0], out[1])  # batch rows are not mixed up
 
 

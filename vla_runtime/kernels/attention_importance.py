@@ -7,7 +7,7 @@ importance[b, k] = mean over heads h and selected query rows q of attn[b, h, q, 
 visual tokens' span [start, stop). The result (B, stop - start) float32 ranks visual tokens for pruning.
 
 Why a kernel: the torch reference gathers Q-rows into a copy (B, H, R, Nk) before reducing; the fused kernel
-reads each needed element once and writes only (B, Nk), one launch.
+reads each needed element once and writes per-head partials (B, H, Nk), summed by one small reduction.
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ def attention_importance_torch(attn: torch.Tensor, query_rows: QueryRows, key_ra
 
 def attention_importance_triton(attn: torch.Tensor, query_rows: QueryRows, key_range: KeyRange, *,
                                 check_indices: bool = True, block_r: int | None = None,
-                                block_k: int | None = None) -> torch.Tensor:
+                                block_k: int | None = None, heads_per_program: int | None = None) -> torch.Tensor:
     """Triton kernel (compiled on CUDA, interpreted on CPU with TRITON_INTERPRET=1); block sizes for tests."""
     rows, start, stop = _normalize(attn, query_rows, key_range, check_indices)
     mod = load_triton_module(OP)
     return mod.launch(attn, rows, start, stop, interpret=interpret_requested() or not attn.is_cuda,
-                      block_r=block_r, block_k=block_k)
+                      block_r=block_r, block_k=block_k, heads_per_program=heads_per_program)
 
 
 def attention_importance(attn: torch.Tensor, query_rows: QueryRows, key_range: KeyRange, *,
