@@ -50,7 +50,7 @@ def test_check_gl_falls_back_to_osmesa_when_egl_fails(fresh_gl_state: pytest.Mon
         return backend == "osmesa", f"{backend} broken"
 
     fresh_gl_state.setattr(render, "_probe_subprocess", probe)
-    fresh_gl_state.setattr(render, "_probe_in_process", lambda: None)
+    fresh_gl_state.setattr(render, "_probe_in_process", lambda backend: None)
     fresh_gl_state.setattr(render, "prepare_robosuite_import", lambda: None)
     assert render.check_gl() == "osmesa"
     assert tried == ["egl", "osmesa"]
@@ -73,7 +73,7 @@ def test_check_gl_renders_for_real() -> None:
 def test_apply_fast_render_model_and_context() -> None:
     import mujoco
 
-    render.check_gl()
+    gl_context = importlib.import_module("mujoco." + render.check_gl()).GLContext
     xml = ('<mujoco><worldbody><light pos="0 0 3" castshadow="true"/><camera name="c" pos="0 -1 0.3" '
            'xyaxes="1 0 0 0 0.3 1"/><geom type="plane" size="1 1 .1"/><geom type="sphere" pos="0 0 .1" '
            'size=".1" rgba="1 0 0 1"/></worldbody></mujoco>')
@@ -86,7 +86,7 @@ def test_apply_fast_render_model_and_context() -> None:
     class Ctx:
         def __init__(self, model: mujoco.MjModel) -> None:
             self.model = model
-            self.gl_ctx = mujoco.GLContext(32, 32)
+            self.gl_ctx = gl_context(32, 32)
             self.gl_ctx.make_current()
             self.scn = mujoco.MjvScene(model, maxgeom=10)
             self._set_mujoco_context_and_buffers()
