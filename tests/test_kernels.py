@@ -17,6 +17,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
@@ -206,6 +208,25 @@ def test_gather_tokens_keep_all_keep_none_and_broadcast(backend: str) -> None:
 
 
 @interp
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), N=st.integers(1, 40), D=st.integers(1, 20), seed=st.integers(0, 2**16),
+       bf16=st.booleans())
+def test_gather_and_cosine_random_shapes(B: int, N: int, D: int, seed: int, bf16: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    hidden = torch.randn(B, N, D, generator=g).to(dtype)
+    k = int(torch.randint(0, N + 1, (1,), generator=g))
+    idx = K.topk_keep_indices(torch.rand(B, N, generator=g), k)
+    pos = torch.randint(0, 1000, (B, N), generator=g)
+    out, p = K.gather_tokens(hidden, pos, idx, backend="triton")
+    ref, p_ref = K.gather_tokens_torch(hidden, pos, idx)
+    assert torch.equal(out, ref) and torch.equal(p, p_ref)
+    other = torch.randn(B, N, D, generator=g).to(dtype)
+    _close(K.patch_cosine_similarity(hidden, other, backend="triton"),
+           F.cosine_similarity(hidden.float(), other.float(), dim=-1, eps=1e-8), 1e-5)
+
+
+@interp
 def test_gather_tokens_rejects_bad_indices() -> None:
     hidden, pos = torch.randn(1, 10, 4), torch.arange(10)
     with pytest.raises(UserError, match="strictly increasing"):
@@ -280,6 +301,16 @@ def test_exit_predictor_semantics_small_blocks_and_no_prev() -> None:
     # prev_probs=None means zeros: the delta features equal the probs
     feats = K.exit_features_torch(hidden, norm_w, 1e-6, head, cand)
     _close(feats[:, 2 * C:], feats[:, C:2 * C])
+
+
+def test_full_head_check() -> None:
+    hidden, norm_w, head, cand, _, _ = _exit_inputs(2, 64, 30, 3, 8, torch.float32)
+    n = hidden * hidden.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt() * norm_w
+    top = (n @ head.t()).argmax(-1)  # (B,)
+    cand[0, 1] = top[0]  # row 0 has the argmax among its candidates, row 1 does not
+    cand[1] = torch.tensor([i for i in range(30) if i != int(top[1])][:3])
+    got_top, ok = K.full_head_check(hidden, norm_w, 1e-6, head, cand)
+    assert got_top.tolist() == top.tolist() and ok.tolist() == [True, False]
 
 
 @interp

@@ -34,6 +34,7 @@ from vla_runtime.kernels.exit_predictor import (
     exit_predictor,
     exit_predictor_torch,
     exit_predictor_triton,
+    full_head_check,
 )
 from vla_runtime.kernels.gather_tokens import (
     gather_tokens,
@@ -54,7 +55,7 @@ OPS: tuple[str, ...] = ("attention_importance", "patch_cosine_similarity", "gath
 __all__ = [
     "BACKENDS", "OPS", "ExitMLP", "ExitPrediction", "attention_importance", "attention_importance_torch",
     "attention_importance_triton", "choose_backend", "exit_features_torch", "exit_mlp_torch", "exit_predictor",
-    "exit_predictor_torch", "exit_predictor_triton", "gather_tokens", "gather_tokens_torch",
+    "exit_predictor_torch", "exit_predictor_triton", "full_head_check", "gather_tokens", "gather_tokens_torch",
     "gather_tokens_triton", "image_patches", "interpret_requested", "keep_indices_from_mask", "last_backend",
     "patch_cosine_similarity", "patch_cosine_similarity_torch", "patch_cosine_similarity_triton",
     "topk_keep_indices", "use_backend",

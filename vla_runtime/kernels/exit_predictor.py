@@ -162,6 +162,20 @@ def exit_predictor(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_eps: fl
               check_indices=check_indices)
 
 
+def full_head_check(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float, lm_head: torch.Tensor,
+                    cand_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpecEE's exit condition, run only once `score` passed: full-head argmax (B,) and whether it is a candidate.
+
+    Same float32 RMSNorm as the predictor. Torch only: it is one (B, D) x (D, V) matmul, nothing to fuse.
+    """
+    _check_features(hidden, norm_weight, lm_head, cand_idx, None, check_indices=False)
+    h = hidden.float()
+    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()  # (B, D)
+    logits = n.to(lm_head.dtype) @ lm_head.t()  # (B, V) in the head's dtype (bf16 on CPU is fast)
+    top = logits.argmax(dim=-1)  # (B,)
+    return top, (cand_idx.long() == top.unsqueeze(1)).any(dim=1)
+
+
 class ExitMLP(nn.Module):
     """The trainable predictor head F=3C -> Hd -> 1, in torch, for training on `exit_features_torch`.
 
