@@ -649,6 +649,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exact-image-size", action="store_true", help="dummy:reach: render at --image-size (> 64)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:  # SIGTERM (service managers, kill) stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
     run_robot_agent(a.env, a.bind, a.keys_dir, a.lockstep, a.max_action_age_ms, image_size=a.image_size,
                     quiet=a.quiet, exact_image_size=a.exact_image_size)
 
