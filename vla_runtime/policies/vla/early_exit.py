@@ -649,17 +649,7 @@ class EarlyExitPolicy:
                                                   self.model.cfg.n_bins))
         if self._cand is None or i not in self._check or i not in self._params or i < self.cfg.shallow_layer:
             return False
-        p = self._params[i]
-        pred = exit_predictor(h, self._norm_w, self._norm_eps, self._head_w, self._cand, self._prev_probs,
-                              p["w1"], p["b1"], p["w2"], p["b2"], backend=self.cfg.backend,  # type: ignore[arg-type]
-                              check_indices=False)
-        self._prev_probs = pred.cand_probs
-        self.stats.checks += 1
-        if float(pred.score[0]) < self.threshold(i):
-            return False
-        top = int(self.model.head(self.model.decoder.norm(hidden[:, -1:]))[0, -1].argmax())
-        if top not in self._cand_list:  # SpecEE's rule: the layer's own token must be a candidate
-            self.stats.rejected_by_argmax += 1
+        if not self._should_exit(i, hidden):
             return False
         self.stats.exits += 1
         self._record_exit(i + 1)
@@ -668,6 +658,27 @@ class EarlyExitPolicy:
             self._pending.append(_Pending(hidden[:, -1:], ctx.positions[:, -1:], i + 1))
         elif self.cfg.kv_fill == "copy":
             self._copy_fill(i, hidden[:, -1:], ctx)
+        return True
+
+    def _should_exit(self, i: int, hidden: torch.Tensor) -> bool:
+        """The exit rule at a scheduled layer i: predictor score (fused kernel) >= the layer's threshold, and the
+        layer's full-head argmax is one of the candidates. hidden (1, Q, D); candidates already set."""
+        assert self._cand is not None
+        h = hidden[:, -1]  # (1, D)
+        p = self._params[i]
+        pred = exit_predictor(h, self._norm_w, self._norm_eps, self._head_w, self._cand, self._prev_probs,
+                              p["w1"], p["b1"], p["w2"], p["b2"], backend=self.cfg.backend,  # type: ignore[arg-type]
+                              check_indices=False)
+        self._prev_probs = pred.cand_probs
+        self.stats.checks += 1
+        self.last_score = float(pred.score[0])
+        if self.last_score < self.threshold(i):
+            return False
+        # not `self.model.head(...)`: that would fire the emitted-token hook
+        top = int(torch.nn.functional.linear(self.model.decoder.norm(hidden[:, -1]), self._head_w)[0].argmax())
+        if top not in self._cand_list:  # SpecEE's rule: the layer's own token must be a candidate
+            self.stats.rejected_by_argmax += 1
+            return False
         return True
 
     def _record_exit(self, n_run: int) -> None:

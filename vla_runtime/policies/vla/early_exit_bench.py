@@ -57,7 +57,7 @@ def ar_token_agreement(pol: EarlyExitPolicy) -> dict[str, Any]:
         out, _ = model.forward_layers(x, pos, kinds, valid, cache=cache, bidirectional_suffix=False)
         full = model.head(out).argmax(-1)[0].cpu()  # (n-1,) the full model's token for positions 1..n-1
         eq = full == toks[0, 1:]
-        exits = torch.tensor(rec["exits"][1:n])  # decode exits (the prefill is entry 0)
+        exits = torch.tensor(rec["exits"])  # (n-1,) layers run per decode step (the prefill is not in it)
         early = exits < model.n_layers
         agree += int(eq.sum())
         total += int(eq.numel())

@@ -1,0 +1,413 @@
+"""Early exit (SpecEE-style): candidates, features (= the kernel's), the exit rule, KV consistency after an exit
+(lazy fill == the full model), schedules, predictor files, training, the parallel mode, and the bench."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_prev = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # triton fixes interpreted-vs-compiled at its first import (see test_kernels)
+try:
+    from vla_runtime.kernels import dispatch
+
+    TRITON_INTERPRETED = dispatch.triton_mode() == "interpret"
+finally:
+    if _prev is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _prev
+
+from vla_runtime.envs.base import EpisodeSpec
+from vla_runtime.envs.dummy import DummyReachEnv
+from vla_runtime.errors import UserError
+from vla_runtime.kernels import ExitMLP, exit_features_torch, exit_predictor_torch
+from vla_runtime.policies.vla import early_exit as EE
+from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.early_exit import (EarlyExitConfig, EarlyExitPolicy, PredictorBank, build_candidates,
+                                                 neighbor_bins, offline_schedule, online_layers, previous_token_for)
+from vla_runtime.policies.vla.modeling import StepContext, VLAModel
+from vla_runtime.policies.vla.policy import load_vla_policy, save_checkpoint
+from vla_runtime.policies.vla.tokenizer import WordTokenizer
+
+torch.set_num_threads(1)
+
+TINY = dict(image_size=16, patch_size=8, cameras=("agentview", "wrist"), vision_hidden=16, vision_heads=2,
+            vision_intermediate=32, hidden=32, layers=4, heads=4, kv_heads=2, head_dim=8, intermediate=64,
+            vocab_size=20, max_text_len=5, chunk_size=3, n_action_steps=2, head_hidden=32, n_bins=32)
+
+
+def tiny_model(mode: str = "ar", seed: int = 0, **kw: object) -> VLAModel:
+    torch.manual_seed(seed)
+    return VLAModel(VLAConfig(mode=mode, **{**TINY, **kw})).eval()  # type: ignore[arg-type]
+
+
+def inputs(cfg: VLAConfig, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(1, len(cfg.cameras), 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    state = torch.rand(1, cfg.state_dim, generator=g) * 2 - 1
+    text = torch.randint(3, cfg.vocab_size, (1, cfg.max_text_len), generator=g)
+    return images, state, text, torch.ones(1, cfg.max_text_len, dtype=torch.bool)
+
+
+def const_bank(model: VLAModel, logit: float, cfg: EarlyExitConfig, layers: list[int] | None = None) -> PredictorBank:
+    """Predictors whose score is sigmoid(logit) at every layer (forces or forbids exits)."""
+    L = model.n_layers
+    layers = list(range(L - 1)) if layers is None else layers
+    F = 3 * cfg.n_candidates if model.cfg.mode == "ar" else EE.PARALLEL_FEATURES
+    params = {i: {"w1": torch.zeros(F, 4), "b1": torch.zeros(4), "w2": torch.zeros(4, 1),
+                  "b2": torch.tensor([logit])} for i in layers}
+    return PredictorBank(mode=model.cfg.mode, n_layers=L, n_candidates=cfg.n_candidates if model.cfg.mode == "ar"
+                         else 0, params=params, thresholds={i: 0.5 for i in layers}, offline_layers=layers,
+                         config=cfg)
+
+
+class HeadLog:
+    """Forward hook on the action head: the logits of each AR step (prefill first)."""
+
+    def __init__(self, model: VLAModel) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.h = model.head.register_forward_hook(lambda m, a, o: self.logits.append(o[0, -1].detach().clone()))
+
+
+# ----------------------------------------------------------------------------------------------- candidates
+def test_candidates_priority_dedupe_fill_and_edges() -> None:
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2)
+    assert neighbor_bins(5, 2, 32) == [5, 4, 6, 3, 7]
+    shallow = torch.zeros(32)
+    shallow[[6, 20, 21]] = torch.tensor([3.0, 2.0, 1.0])  # 6 duplicates a neighbour: skipped
+    assert build_candidates(5, shallow, cfg, 32).tolist() == [5, 4, 6, 20, 21]
+    assert build_candidates(None, shallow, cfg, 32).tolist()[:3] == [6, 20, 21]  # shallow alone fills C
+    assert build_candidates(None, shallow, cfg, 32).numel() == cfg.n_candidates
+    no_shallow = EarlyExitConfig(n_neighbors=1, n_shallow=0)
+    assert build_candidates(0, None, no_shallow, 32).tolist() == [0, 1, 2]  # edge bin: next ones outward
+    assert build_candidates(None, None, no_shallow, 32) is None  # no source: no exit possible
+
+
+def test_previous_token_for_same_dimension() -> None:
+    toks = list(range(10, 24))  # A = 7: token k's previous action is k - 7
+    prev_chunk = torch.arange(21).reshape(3, 7)
+    assert previous_token_for(9, toks, prev_chunk, 7, 2) == toks[2]
+    assert previous_token_for(3, toks, prev_chunk, 7, 2) == int(prev_chunk[2, 3])  # where the last chunk left off
+    assert previous_token_for(3, toks, prev_chunk, 7, 8) == int(prev_chunk[2, 3])  # clipped to its last action
+    assert previous_token_for(3, toks, None, 7, 2) is None
+
+
+# ----------------------------------------------------------------------------------------------- features
+def test_training_features_equal_the_kernel_features_and_labels() -> None:
+    from vla_runtime.policies.vla.early_exit_train import ar_samples
+
+    m = tiny_model()
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0)
+    L, D, n = m.n_layers, m.hidden, m.cfg.n_action_tokens
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(n - 1, L, D, generator=g)
+    toks = torch.randint(0, m.cfg.n_bins, (n,), generator=g)
+    s = ar_samples(m, [{"tokens": toks, "hidden": hid, "prev": None, "group": 0}], cfg)
+    w, eps = EE.final_norm_params(m)
+    head = EE.ar_head_weight(m)
+    # token k = 1, layer 1: rebuild the candidates and the features by hand
+    h = hid[0]
+    sh = head @ (h[0] * torch.rsqrt(h[0].pow(2).mean() + eps) * w)
+    cand = build_candidates(None, sh, cfg, m.cfg.n_bins)
+    f = exit_features_torch(h[1][None], w, eps, head, cand[None])[0]
+    first = s["X"][1][0]  # first sample of layer 1: token 1, prev = zeros
+    torch.testing.assert_close(first, f)
+    C = cfg.n_candidates
+    assert s["X"][1].shape[1] == 3 * C
+    assert float(s["y"][1][0]) == float(cand[f[:C].argmax()] == toks[1])
+    # the prev-layer variant: delta = probs(layer 1) - probs(layer 0)
+    f0 = exit_features_torch(h[0][None], w, eps, head, cand[None])[0]
+    torch.testing.assert_close(s["X"][1][1][2 * C:], f[C:2 * C] - f0[C:2 * C])
+    # the kernel (fused) computes the same features' score as the MLP on them
+    mlp = ExitMLP(C, 8)
+    pred = exit_predictor_torch(h[1][None], w, eps, head, cand[None], None, *mlp.kernel_params())
+    torch.testing.assert_close(pred.score, torch.sigmoid(mlp(f[None])), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- exit rule
+def test_exit_rule_needs_score_and_full_argmax_among_candidates() -> None:
+    m = tiny_model()
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=0, shallow_layer=-1)
+    hidden = torch.randn(1, 1, m.hidden)
+    top = int(m.head(m.decoder.norm(hidden))[0, -1].argmax())
+    for logit, cand, expect in ((20.0, top, True), (20.0, (top + 10) % 32, False), (-20.0, top, False)):
+        pol = EarlyExitPolicy(m, const_bank(m, logit, cfg), cfg)
+        pol._ensure_device(hidden)
+        pol._set_candidates(build_candidates(cand, None, cfg, m.cfg.n_bins))
+        assert pol._should_exit(1, hidden) is expect
+        assert pol.stats.rejected_by_argmax == int(logit > 0 and not expect)
+        pol.remove_hooks()
+
+
+def test_no_exit_predictors_give_the_full_model_and_forced_exits_run_fewer_layers() -> None:
+    m = tiny_model()
+    x = inputs(m.cfg)
+    with torch.no_grad():
+        ref, _ = m.predict(*x)
+        cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0)
+        never = EarlyExitPolicy(m, const_bank(m, -20.0, cfg), cfg)
+        out, ctx = m.predict(*x, exit_policy=never, ctx=StepContext(m.n_layers, "ar"))
+        never.remove_hooks()
+        assert torch.equal(out, ref)
+        assert ctx.extra["decode_exit_layers"] == [m.n_layers] * m.cfg.n_action_tokens
+        always = EarlyExitPolicy(m, const_bank(m, 20.0, cfg), cfg)
+        _, ctx = m.predict(*x, exit_policy=always, ctx=StepContext(m.n_layers, "ar"))
+        always.remove_hooks()
+    ex = ctx.extra["decode_exit_layers"]
+    assert ex[0] == m.n_layers  # the prefill never exits
+    assert always.stats.exits > 0 and min(ex[1:]) < m.n_layers
+    assert always.stats.exit_layers == ex[1:]
+
+
+# ----------------------------------------------------------------------------------------------- KV consistency
+class ForcedExit(EarlyExitPolicy):
+    """Exits after layer 1 on every other decode step: a fixed pattern to test the KV fill against."""
+
+    def _should_exit(self, i: int, hidden: torch.Tensor) -> bool:
+        self._decide_step = getattr(self, "_decide_step", 0)
+        return i == 1 and len(self._exits) % 2 == 1
+
+
+def _run_forced(m: VLAModel, kv_fill: str) -> tuple[list[torch.Tensor], list[int], ForcedExit]:
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0, kv_fill=kv_fill, online=False)
+    pol = ForcedExit(m, const_bank(m, 0.0, cfg), cfg)
+    log = HeadLog(m)
+    with torch.no_grad():
+        _, ctx = m.predict(*inputs(m.cfg), exit_policy=pol, ctx=StepContext(m.n_layers, "ar"))
+    log.h.remove()
+    pol.remove_hooks()
+    return log.logits, ctx.extra["decode_exit_layers"], pol
+
+
+def _full_depth_logits(m: VLAModel, tokens: list[int]) -> torch.Tensor:
+    """The full model, teacher-forced on `tokens`: logits predicting each of them (n, n_bins)."""
+    images, state, text, tv = inputs(m.cfg)
+    bins = torch.tensor(tokens)[None]
+    with torch.no_grad():
+        h = torch.cat([m.embed_prefix(images, state, text), m.suffix_inputs(1, torch.float32, bins)], 1)
+        pos, kinds, valid = m.layout(1, tv, h.device)
+        out, _ = m.forward_layers(h, pos, kinds, valid, bidirectional_suffix=False)
+        return m.head(out[0, -m.cfg.n_suffix:])
+
+
+def test_lazy_kv_fill_equals_the_full_model_after_exits() -> None:
+    m = tiny_model(layers=4, chunk_size=3)
+    logits, exits, pol = _run_forced(m, "lazy")
+    tokens = [int(x.argmax()) for x in logits]
+    ref = _full_depth_logits(m, tokens)
+    L = m.n_layers
+    assert 2 in exits and pol.stats.pending_rows > 0  # exits happened and later tokens carried them along
+    full_after_exit = [k for k in range(1, len(exits)) if exits[k] == L and exits[k - 1] < L]
+    assert full_after_exit
+    for k in range(len(exits)):
+        if exits[k] == L:  # every full-depth token sees exactly the full model's keys, exits before it included
+            torch.testing.assert_close(logits[k], ref[k], atol=1e-4, rtol=1e-4)
+    # without a fill the deeper layers miss the exited tokens' keys: the next full-depth token differs
+    logits_none, exits_none, _ = _run_forced(m, "none")
+    ref_none = _full_depth_logits(m, [int(x.argmax()) for x in logits_none])
+    k = next(k for k in range(1, len(exits_none)) if exits_none[k] == L and exits_none[k - 1] < L)
+    assert not torch.allclose(logits_none[k], ref_none[k], atol=1e-4, rtol=1e-4)
+
+
+def test_copy_kv_fill_writes_every_deeper_layer() -> None:
+    m = tiny_model(layers=4, chunk_size=3)
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0, kv_fill="copy", online=False)
+    pol = ForcedExit(m, const_bank(m, 0.0, cfg), cfg)
+    caches: list[object] = []
+    hk = m.decoder.layers[0].register_forward_pre_hook(
+        lambda mod, a, kw: caches.append(kw.get("past_key_values")), with_kwargs=True)
+    with torch.no_grad():
+        _, ctx = m.predict(*inputs(m.cfg), exit_policy=pol, ctx=StepContext(m.n_layers, "ar"))
+    hk.remove()
+    pol.remove_hooks()
+    cache = caches[-1]
+    assert min(ctx.extra["decode_exit_layers"]) == 2
+    lens = {cache.seq_len(j) for j in range(m.n_layers)}  # type: ignore[attr-defined]
+    assert len(lens) == 1  # every layer holds a key for every token (the last token's own keys excepted: none)
+    assert all(torch.isfinite(cache.k[j]).all() for j in range(m.n_layers))  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+def test_offline_schedule_follows_the_skewed_earliest_layers() -> None:
+    earliest = [3] * 60 + [5] * 30 + [12] * 10  # 12 = never (n_layers)
+    S = offline_schedule(earliest, 12, list(range(11)), check_cost=0.1)
+    assert 3 in S and 5 in S and 0 not in S
+    assert offline_schedule([12] * 20, 12, list(range(11))) == []  # nothing exits: no predictor pays off
+    # one predictor only: layer 5 catches 90 % of tokens (mean 6.6 layers) vs layer 3's 60 % (mean 7.2)
+    assert offline_schedule(earliest, 12, list(range(11)), check_cost=0.1, max_layers=1) == [5]
+    assert online_layers([4, 7], (-1, 0, 1), set(range(6))) == {2, 3, 4, 5}
+
+
+def test_online_schedule_adds_layers_near_recent_exits() -> None:
+    m = tiny_model(layers=6)
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0, context_offsets=(0,))
+    pol = EarlyExitPolicy(m, const_bank(m, -20.0, cfg, layers=[1, 2, 3, 4]), cfg)
+    pol.offline = {1}
+    pol._exits = [6, 6, 4]  # the last token ran 4 layers: check layer index 3 too
+    pol._memory = {}
+    pol._tokens = [0] * 8
+    ctx = StepContext(6, "ar", decode_step=2)
+    pol._begin_token(ctx)
+    assert pol._check == {1, 3}
+    pol.cfg.online = False
+    pol._begin_token(ctx)
+    assert pol._check == {1}
+    pol.remove_hooks()
+
+
+# ----------------------------------------------------------------------------------------------- files + training
+def test_bank_round_trip_and_errors(tmp_path: Path) -> None:
+    m = tiny_model()
+    cfg = EarlyExitConfig()
+    bank = const_bank(m, 1.5, cfg, layers=[1, 2])
+    bank.save(tmp_path / "p")
+    back = PredictorBank.load(tmp_path / "p")
+    assert back.offline_layers == [1, 2] and back.n_candidates == cfg.n_candidates
+    assert torch.equal(back.params[2]["b2"], torch.tensor([1.5]))
+    with pytest.raises(UserError, match="no exit predictors"):
+        PredictorBank.load(tmp_path / "missing")
+    with pytest.raises(UserError, match="candidates"):
+        EarlyExitPolicy(m, back, EarlyExitConfig(n_shallow=5))
+    with pytest.raises(UserError, match="mode"):
+        EarlyExitPolicy(tiny_model("parallel"), back)
+    with pytest.raises(UserError, match="unknown options"):
+        EarlyExitConfig.from_dict({"treshold": 0.5})
+    with pytest.raises(UserError, match="threshold"):
+        EarlyExitConfig(threshold=1.5)
+
+
+def _ckpt_and_demos(tmp_path: Path, mode: str) -> tuple[Path, Path]:
+    from vla_runtime.policies.scripted.reach import ReachExpert
+    from vla_runtime.train.demos import Demo, write_demo
+
+    tok = WordTokenizer.from_instructions(["reach the red target"])
+    cfg = VLAConfig(mode=mode, **{**TINY, "vocab_size": tok.vocab_size, "image_size": 32})  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    stats = {"action_min": [-1.0] * 7, "action_max": [1.0] * 7, "state_min": [-0.5] * 8, "state_max": [0.5] * 8}
+    ck = save_checkpoint(VLAModel(cfg, bos_id=tok.bos_id), tok, stats, tmp_path / f"vla_{mode}")
+    env, expert = DummyReachEnv(image_size=32), ReachExpert()
+    for s in range(3):
+        obs = env.reset(EpisodeSpec("dummy:reach", "reach", s, s))
+        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
+        for _ in range(8):
+            a = expert(obs)
+            acts.append(a)
+            states.append(obs.state)
+            for c in imgs:
+                imgs[c].append(obs.images[c])
+            obs = env.step(a).obs
+        write_demo(tmp_path / "demos", Demo("dummy:reach", "reach", "reach the red target", s, np.array(acts),
+                                            np.array(states), {c: np.array(v) for c, v in imgs.items()}))
+    return ck, tmp_path / "demos"
+
+
+@pytest.mark.parametrize("mode", ["ar", "parallel"])
+def test_train_predictors_then_act_with_accel(mode: str, tmp_path: Path) -> None:
+    ck, demos = _ckpt_and_demos(tmp_path, mode)
+    res = EE.train_exit_predictors(str(ck), [demos], ck / EE.PREDICTOR_DIR, epochs=3)
+    meta = json.loads((ck / EE.PREDICTOR_DIR / EE.META_FILE).read_text())
+    assert meta["mode"] == mode and meta["layers"] == res["layers"] and meta["train"]["chunks"] == 12
+    assert sum(meta["train"]["earliest_correct_hist"]) > 0
+    # the shipped layout: <ckpt>/exit_predictors is found without options; a forced threshold makes it exit
+    pol = load_vla_policy(ck, accel=("earlyexit",), accel_options={"earlyexit": {"threshold": 0.01}})
+    assert isinstance(pol.exit_policy, EarlyExitPolicy)
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+    pol.reset(obs.instruction)
+    for _ in range(2):
+        chunk = pol.act(obs)
+        assert chunk.actions.shape == (3, 7) and np.isfinite(chunk.actions).all()
+        obs = env.step(chunk.actions[0]).obs
+    assert pol.exit_policy.stats.checks > 0
+    assert len(pol.exit_policy.stats.exit_layers) == (2 * (pol.cfg.n_action_tokens - 1) if mode == "ar" else 2)
+
+
+def test_train_rejects_missing_data(tmp_path: Path) -> None:
+    ck, _ = _ckpt_and_demos(tmp_path, "ar")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no demo files"):
+        EE.train_exit_predictors(str(ck), [tmp_path / "empty"], tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------- parallel mode
+def test_parallel_exit_uses_the_exit_layers_chunk() -> None:
+    m = tiny_model("parallel", layers=4)
+    x = inputs(m.cfg)
+    cfg = EarlyExitConfig()
+    pol = EarlyExitPolicy(m, const_bank(m, 20.0, cfg, layers=[1]), cfg)
+    with torch.no_grad():
+        out, ctx = m.predict(*x, exit_policy=pol)
+        h = torch.cat([m.embed_prefix(x[0], x[1], x[2]), m.suffix_inputs(1, torch.float32)], 1)
+        pos, kinds, valid = m.layout(1, x[3], h.device)
+        two, _ = m.forward_layers(h, pos, kinds, valid, exit_policy=_StopAfter(1))
+        ref = m.head(two[:, -m.cfg.n_suffix:])
+    assert ctx.exit_layer == 2 and pol.stats.exit_layers == [2]
+    torch.testing.assert_close(out, ref)
+    f = EE.parallel_features(ref, None, two[:, -m.cfg.n_suffix:], None, 1, 4)
+    assert f.shape == (1, EE.PARALLEL_FEATURES) and float(f[0, -1]) == 0.5
+
+
+class _StopAfter:
+    attention_layers: frozenset[int] = frozenset()
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        return layer_idx == self.layer
+
+
+# ----------------------------------------------------------------------------------------------- kernel path
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="triton was imported compiled before this module (run this file "
+                    "alone; tests/test_kernels.py covers the kernel itself)")
+def test_policy_decision_with_the_triton_kernel_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vla_runtime.kernels import last_backend
+
+    m = tiny_model()
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0)
+    bank = const_bank(m, 0.0, cfg)
+    torch.manual_seed(3)
+    for p in bank.params.values():  # a non-trivial MLP
+        p["w1"] = torch.randn_like(p["w1"])
+        p["w2"] = torch.randn_like(p["w2"])
+    hidden = torch.randn(1, 1, m.hidden)
+    cand = build_candidates(4, torch.randn(m.cfg.n_bins), cfg, m.cfg.n_bins)
+    scores = {}
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        pol = EarlyExitPolicy(m, bank, EarlyExitConfig(**{**cfg.to_dict(), "backend": backend}))
+        pol._ensure_device(hidden)
+        pol._set_candidates(cand)
+        pol._should_exit(1, hidden)
+        pol._should_exit(2, hidden)  # second call: with the first call's probabilities as prev_probs
+        scores[backend] = pol.last_score
+        assert last_backend("exit_predictor") == ("torch" if backend == "torch" else "triton-interpret")
+        pol.remove_hooks()
+    assert abs(scores["torch"] - scores["triton"]) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def test_bench_reports_layers_agreement_and_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vla_runtime.envs import dummy
+    from vla_runtime.policies.vla.early_exit_bench import bench_earlyexit
+
+    monkeypatch.setattr(dummy, "MAX_STEPS", 8)
+    ck, demos = _ckpt_and_demos(tmp_path, "ar")
+    EE.train_exit_predictors(str(ck), [demos], ck / EE.PREDICTOR_DIR, epochs=2)
+    rep = bench_earlyexit(env="dummy:reach", policy=str(ck), episodes=1, seed=0, out=tmp_path / "b",
+                          with_specprune=False, options={"threshold": 0.01})
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rows = {r["name"]: r for r in saved["methods"]}
+    assert saved["bench"] == "earlyexit" and set(rows) == {"full", "earlyexit"}
+    ee = rows["earlyexit"]
+    assert rows["full"]["layers_mean"] == 4.0 and 1.0 <= ee["layers_mean"] <= 4.0
+    assert ee["agreement_chunks"] >= 1 and 0.0 <= ee["token_agreement_pct"] <= 100.0
+    assert ee["ratio_to_baseline"] is not None and "success_delta_pp" in ee
+    assert rep["predictors"].endswith(EE.PREDICTOR_DIR)
