@@ -196,7 +196,7 @@ class RobotAgent:
         from vla_runtime.errors import UserError
 
         if not is_local_endpoint(bind) and keys_dir is None:
-            raise UserError(f"refusing to bind {bind} without CurveZMQ keys: pass --keys-dir (create keys with "
+            raise UserError(f"refusing to bind {bind} without CurveZMQ keys: pass --keys DIR (create keys with "
                             "`vla-runtime keys --out DIR`) or bind tcp://127.0.0.1:PORT")
         self.driver = driver
         self.bind = bind
@@ -215,7 +215,9 @@ class RobotAgent:
         self.rx_log: deque[tuple[float, str, int]] = deque(maxlen=log_size)  # (t, kind, seq) accepted
         self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter(),
                                               "link": Counter()}
-        self._ctx = context or zmq.Context.instance()
+        # a CURVE agent gets its own context: its ZAP handler (one per context) must not clash with another's
+        self._own_ctx = context is None and keys_dir is not None
+        self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
         self._sock: zmq.Socket | None = None
         self._auth: Any = None
         self._allowed: _AllowedKeys | None = None
@@ -236,6 +238,8 @@ class RobotAgent:
 
     # ------------------------------------------------------------------------------------- lifecycle
     def _open(self) -> None:
+        if self._own_ctx and self._ctx.closed:  # run() again after a previous run terminated it
+            self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
@@ -267,6 +271,8 @@ class RobotAgent:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self._own_ctx:
+            self._ctx.term()
 
     def start(self) -> "RobotAgent":
         """Run in a daemon thread; returns once the socket is bound (raises if binding failed)."""
@@ -613,7 +619,7 @@ def run_robot_agent(env: str, bind: str = "tcp://127.0.0.1:5555", keys_dir: str 
     if max_action_age_ms <= 0:
         raise UserError("--max-action-age-ms must be > 0")
     if not is_local_endpoint(bind) and keys_dir is None:  # before building a simulator
-        raise UserError(f"refusing to bind {bind} without CurveZMQ keys: pass --keys-dir (create keys with "
+        raise UserError(f"refusing to bind {bind} without CurveZMQ keys: pass --keys DIR (create keys with "
                         "`vla-runtime keys --out DIR`) or bind tcp://127.0.0.1:PORT")
     safety = SafetyConfig(max_action_age_s=max_action_age_ms / 1e3, max_delta_frac=max_delta_frac,
                           watchdog_periods=watchdog_periods)
@@ -642,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--env", default="dummy:reach")
     ap.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    ap.add_argument("--keys-dir", default=None)
+    ap.add_argument("--keys", dest="keys_dir", default=None, help="CurveZMQ keys directory (vla-runtime keys)")
     ap.add_argument("--lockstep", action="store_true")
     ap.add_argument("--max-action-age-ms", type=float, default=500.0)
     ap.add_argument("--image-size", type=int, default=128)

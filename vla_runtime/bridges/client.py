@@ -174,10 +174,10 @@ class BridgeClient:
             raise BridgeError(e.code, f"bad spec from the agent: {e.reason}") from e
         self.clock_offset = (t0 + t1) / 2 - agent_mono
         self.spec_body = body
-        if self._heartbeat_override is None:
+        if self._heartbeat_override is None:  # realtime: 4 heartbeats per watchdog window; lockstep: no watchdog
             wd = body.get("safety", {}).get("watchdog_periods", 2.0) if isinstance(body.get("safety"), dict) else 2.0
             wd_s = float(wd) / self.robot.control_hz if isinstance(wd, (int, float)) else 0.1
-            self.heartbeat_s = min(0.25, max(0.005, wd_s / 4))
+            self.heartbeat_s = 0.25 if mode == "lockstep" else min(0.25, max(0.005, wd_s / 4))
         self.connected = True
         self._start_heartbeat()
         return body
