@@ -99,8 +99,8 @@ class SpecPruneConfig:
     use_history: bool = True
     use_framediff: bool = True
     # stage 1
-    prune_layer: int = 2  # visual tokens are dropped before this layer
-    local_layers: tuple[int, ...] = (0, 1)  # layers whose attention ranks visual tokens this step
+    prune_layer: int = 1  # visual tokens are dropped before this layer (our VLAs train with drops after layer 1)
+    local_layers: tuple[int, ...] = (0,)  # layers whose attention ranks visual tokens this step
     local_queries: tuple[str, ...] = ("text",)  # query tokens whose attention counts: text, proprio, suffix
     budget_coarse: float = 0.25  # visual tokens kept at prune_layer, coarse mode
     budget_fine: float = 0.45  # ... fine mode (gentle)
@@ -120,7 +120,7 @@ class SpecPruneConfig:
     ema_alpha: float = 0.2  # running importance = (1 - a) * old + a * rank weight of this layer
     rank_weight_hi: float = 10.0  # rank weights linspace(hi -> lo) over the ranked visual tokens
     rank_weight_lo: float = 0.1
-    importance_layers: tuple[int, ...] | None = None  # None: local layers + the layer before each dynamic one
+    importance_layers: tuple[int, ...] | None = None  # None: local layers + layer round(3/8 depth) (paper: 0, 1, 12 of 32)
     ctrl: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0  # random baseline
 
@@ -179,7 +179,7 @@ class SpecPruneConfig:
         if self.importance_layers is not None:
             layers = set(self.importance_layers)
         else:
-            layers = set(self.local_layers) | {d - 1 for d in dyn}
+            layers = set(self.local_layers) | {round(3 * n_layers / 8)}
         return tuple(sorted(l for l in layers if 0 <= l < max(dyn)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -341,8 +341,6 @@ class SpecPrunePruner:
             if c.variant == "specprune" and not c.static and sc.get("score") is None:
                 self._init_importance(ctx)
             keep = self._dynamic_keep(ctx)
-        if layer_idx == self.n_layers - 1 or keep is not None:
-            self._publish(ctx, keep)
         return keep
 
     # ---- stage 0: step start (frames, mode, history hand-over) ----------------------------------------------
@@ -353,8 +351,17 @@ class SpecPrunePruner:
         mode = self.mode(ctx.memory)
         step = int(ctx.extra.get("step", st["n_exec"]))
         info = ctx.extra.setdefault("info", {})
+        self._history_from_last(st)
+        assert ctx.kinds is not None and ctx.positions is not None
+        B, N = ctx.kinds.shape
+        vis = (ctx.kinds[0] == KIND_VISUAL).nonzero().squeeze(1)
+        if vis.numel() != self.n_visual or (vis.numel() and (int(vis[0]) != 1 or int(vis[-1]) != self.n_visual)):
+            raise ValueError(f"SpecPrune: expected the {self.n_visual} visual tokens at indices 1..{self.n_visual} "
+                             "(VLAConfig layout)")
+        pid = torch.arange(self.n_visual, device=ctx.kinds.device)[None].expand(B, -1)
         sc: dict[str, Any] = {"mode": mode, "step": step, "score": None, "sim": None, "prev_t": None,
-                              "history": st["history"], "info": info}
+                              "history": st["history"], "info": info, "n_vis": self.n_visual, "pid": pid}
+        st["last"] = sc  # its final score / patch ids become the next step's history
         ctx.extra[MEM_KEY] = sc
         modes = "".join(st["mode_log"])
         st["mode_log"] = []
@@ -401,16 +408,12 @@ class SpecPrunePruner:
 
     # ---- helpers over the current tokens --------------------------------------------------------------------
     def _visual_span(self, ctx: StepContext) -> tuple[int, int, torch.Tensor]:
-        """(start, stop) of the visual tokens in the current sequence and their patch ids (B, n) (position - 1)."""
-        assert ctx.kinds is not None and ctx.positions is not None
-        is_vis = ctx.kinds[0] == KIND_VISUAL
-        idx = is_vis.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return 0, 0, ctx.positions[:, :0]
-        start, stop = int(idx[0]), int(idx[-1]) + 1
-        if stop - start != idx.numel():
-            raise ValueError("SpecPrune: visual tokens are not contiguous in the sequence (unexpected layout)")
-        return start, stop, ctx.positions[:, start:stop] - 1
+        """(start, stop) of the visual tokens in the current sequence and their patch ids (B, n).
+
+        Tracked across cuts instead of searched: visual tokens start at index 1 (after BOS) and stay contiguous.
+        """
+        sc: dict[str, Any] = ctx.extra[MEM_KEY]
+        return 1, 1 + sc["n_vis"], sc["pid"]
 
     def _query_rows(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.kinds is not None and ctx.valid is not None
@@ -425,14 +428,22 @@ class SpecPrunePruner:
         return rows
 
     def _importance(self, ctx: StepContext, layer: int, start: int, stop: int) -> torch.Tensor:
-        """Mean attention the visual tokens [start, stop) received at `layer` from the query tokens, (B, n)."""
+        """Mean attention the visual tokens [start, stop) received at `layer` from the query tokens, (B, n).
+
+        Computed once per layer and forward (the local layers feed both the local top-k and the running score).
+        """
+        cache: dict[int, torch.Tensor] = ctx.extra[MEM_KEY].setdefault("imp", {})
+        if layer in cache and cache[layer].shape[1] == stop - start:
+            return cache[layer]
         attn = ctx.attentions.get(layer)
         if attn is None:
             raise ValueError(f"SpecPrune: layer {layer}'s attention was not captured")
         n_q = attn.shape[2]
         rows = self._query_rows(ctx)
         off = attn.shape[3] - n_q  # cached keys (none in prefill)
-        return attention_importance(attn, rows[rows < n_q], (start + off, stop + off))
+        imp = attention_importance(attn, rows[rows < n_q], (start + off, stop + off), check_indices=False)
+        cache[layer] = imp
+        return imp
 
     # ---- stage 1 --------------------------------------------------------------------------------------------
     def _static_keep(self, ctx: StepContext) -> torch.Tensor | None:
@@ -581,31 +592,29 @@ class SpecPrunePruner:
         if keep_vis.shape[1] == stop - start:
             return None  # keeps everything: let the loop skip the gather
         dev = ctx.kinds.device
+        keep_vis = keep_vis.to(dev)
         before = torch.arange(0, start, device=dev)[None].expand(B, -1)
         after = torch.arange(stop, N, device=dev)[None].expand(B, -1)
         sc: dict[str, Any] = ctx.extra[MEM_KEY]
-        if sc.get("score") is not None and sc["score"].shape[1] == stop - start and keep_vis.shape[1] < stop - start:
+        if sc.get("score") is not None and sc["score"].shape[1] == stop - start:
             sc["score"] = sc["score"].gather(1, keep_vis.to(sc["score"].device))
-        return torch.cat([before, keep_vis.to(dev) + start, after], dim=1)
+        sc["pid"] = sc["pid"].gather(1, keep_vis)
+        sc["n_vis"] = int(keep_vis.shape[1])
+        return torch.cat([before, keep_vis + start, after], dim=1)
 
-    def _publish(self, ctx: StepContext, keep: torch.Tensor | None) -> None:
-        """Store this step's importance per patch id as next step's history; record counts in the chunk info."""
-        sc: dict[str, Any] = ctx.extra[MEM_KEY]
-        st = self.state(ctx.memory)
-        score = sc.get("score")
-        assert ctx.positions is not None and ctx.kinds is not None
-        if keep is not None:  # positions after this layer's cut
-            pos = ctx.positions.gather(1, keep.to(ctx.positions.device))
-            kinds = ctx.kinds.gather(1, keep.to(ctx.kinds.device))
-        else:
-            pos, kinds = ctx.positions, ctx.kinds
-        is_vis = kinds[0] == KIND_VISUAL
-        if score is not None and score.shape[1] == int(is_vis.sum()) and self.cfg.use_history:
-            pid = pos[:, is_vis] - 1  # (B, n) patch ids
-            hist = torch.full((pos.shape[0], self.n_visual), -1.0, device=score.device)
-            hist.scatter_(1, pid.to(score.device), score.float())
-            st["history"] = hist
-        sc["info"]["visual_kept_final"] = int(is_vis.sum())
+    def _history_from_last(self, st: dict[str, Any]) -> None:
+        """The previous forward's final running importance per patch id becomes this step's history.
+
+        Patches dropped before the end get -1 (they were not important then); the result is (B, n_visual).
+        """
+        last = st.pop("last", None)
+        if last is None or not self.cfg.use_history:
+            return
+        score, pid = last.get("score"), last["pid"]
+        if score is None or score.shape != pid.shape:
+            return
+        hist = torch.full((pid.shape[0], self.n_visual), -1.0, device=score.device)
+        st["history"] = hist.scatter_(1, pid.to(score.device), score.float())
 
 
 def _unit_rank(x: torch.Tensor) -> torch.Tensor:
@@ -681,8 +690,7 @@ def _token_fields(m: Any, recs: list[dict[str, Any]]) -> dict[str, Any]:
     acc = [r.get("accel") or {} for r in recs]
     out: dict[str, Any] = {}
     for key, name in (("mean_mean_visual_tokens", "mean_visual_tokens_per_layer"),
-                      ("mean_mean_tokens", "mean_tokens_per_layer"), ("mean_prune_fine", "fine_fraction"),
-                      ("mean_visual_kept_final", "visual_kept_final")):
+                      ("mean_mean_tokens", "mean_tokens_per_layer"), ("mean_prune_fine", "fine_fraction")):
         vals = [a[key] for a in acc if key in a]
         if vals:
             out[name] = round(float(np.mean(vals)), 2)
