@@ -154,3 +154,22 @@ def test_train_resume_and_act(mode: str, tmp_path: Path) -> None:
     assert pol.act(obs).actions.shape == (4, 7)
     with pytest.raises(UserError, match="mode"):
         train_vla([data], out, mode="ar" if mode == "parallel" else "parallel", steps=6, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "ar"])
+def test_bench_reports_split_tokens_and_flops(mode: str, tmp_path: Path) -> None:
+    from vla_runtime.policies.vla.bench import bench_vla
+
+    cfg = VLAConfig(mode=mode, **TINY)  # type: ignore[arg-type]
+    res = bench_vla(cfg, steps=2, warmup=1, out_dir=tmp_path, keep=(0.25,), threads=1,
+                    peak_seconds=0.1)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["bench"] == "vla" and saved["baseline"] == "full" and saved["machine"]["matmul_peak_gflops"] > 0
+    full, pruned = res["methods"]
+    assert full["ratio_to_baseline"] == 1.0
+    for k in ("vision_ms_p50", "decoder_ms_p50", "head_ms_p50", "gflops_per_step", "achieved_gflops_per_s"):
+        assert full[k] > 0
+    assert full["tokens_per_layer"][0] == full["tokens_per_layer"][-1]
+    # keeping 25 % of the 32 visual tokens from layer 1 on: 24 fewer tokens in layers 1..2, fewer FLOPs
+    assert pruned["tokens_per_layer"][1] == full["tokens_per_layer"][1] - 24
+    assert pruned["gflops_per_step"] < full["gflops_per_step"]

@@ -107,7 +107,8 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
 
 def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int = 20, out_dir: str | Path | None = None,
               device: str = "cpu", dtype: str = "bf16", threads: int | None = 1, accel: Sequence[str] = (),
-              keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+              keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0,
+              peak_seconds: float = 1.0) -> dict[str, Any]:
     """Benchmark a checkpoint ("vla:<name>", a name or a directory) or a config with random weights (None: the
     default config). Writes out_dir/bench.json when out_dir is set; `format_table(result)` prints it."""
     if source is None:  # the default architecture with random weights
@@ -120,7 +121,8 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
         raise UserError("--steps must be >= 1")
     base = _policy_from(source, device, dtype, ())
     cfg = base.cfg
-    peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device)
+    peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
+                              seconds=peak_seconds)
     env = DummyReachEnv(cameras=cfg.cameras, image_size=cfg.image_size)
     obs0 = env.reset(EpisodeSpec("dummy:reach", "reach", 0, seed))
     methods: list[dict[str, Any]] = []
