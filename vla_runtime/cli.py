@@ -46,6 +46,7 @@ def eval(  # noqa: A001 - the verb is `eval`
     workers: int = 1,
     ray: str | None = None,
     max_steps: int | None = None,
+    keys: Path | None = None,
 ) -> None:
     """Run closed-loop episodes of POLICY on ENV; write episodes.jsonl and eval_info.json to OUT.
 
@@ -72,6 +73,7 @@ def eval(  # noqa: A001 - the verb is `eval`
         workers: run episodes in N local worker processes.
         ray: run episodes as Ray tasks: 'local' or a cluster address.
         max_steps: override the task's max steps.
+        keys: remote envs: directory with CurveZMQ keys from `vla-runtime keys` (required off loopback).
     """
     from vla_runtime.runtime.evaluate import EvalConfig, evaluate, format_table
     from vla_runtime.runtime.loop import LoopConfig
@@ -83,7 +85,7 @@ def eval(  # noqa: A001 - the verb is `eval`
                       future_state=future_state, max_steps=max_steps)
     cfg = EvalConfig(env=env, policy=policy, episodes=episodes, seed=seed, out=out, tasks=_split(task), loop=loop,
                      video=video, resume=resume, device=device, accel=_split(accel), sampler=sampler,
-                     threads=threads)
+                     threads=threads, keys_dir=str(keys) if keys else None)
     if workers > 1 or ray:
         from vla_runtime.runtime.parallel import evaluate_parallel
 
@@ -200,7 +202,7 @@ def robot(
     bind: str = "tcp://127.0.0.1:5555",
     keys: Path | None = None,
     lockstep: bool = False,
-    max_action_age_ms: float = 150.0,
+    max_action_age_ms: float = 500.0,
 ) -> None:
     """Start a robot agent backed by a simulator env; the runtime connects with --env remote:<bind address>.
 
@@ -221,8 +223,7 @@ def keys(out: Path) -> None:
     """Generate CurveZMQ key pairs for the robot agent (server) and the runtime (client) in OUT."""
     from vla_runtime.bridges.keys import generate_keys
 
-    paths = generate_keys(str(out))
-    print(json.dumps({k: str(v) for k, v in dict(paths).items()} if isinstance(paths, dict) else str(paths), indent=1))
+    print(json.dumps(generate_keys(str(out)), indent=1))
 
 
 def bench(

@@ -45,6 +45,10 @@ class EvalConfig:
     sampler: str | None = None
     image_size: int = 128
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    keys_dir: str | None = None  # remote envs: CurveZMQ keys directory (vla-runtime keys)
+
+    def env_kwargs(self) -> dict[str, Any]:
+        return {"keys_dir": self.keys_dir} if self.env.startswith("remote:") and self.keys_dir else {}
 
     def identity(self) -> dict[str, Any]:
         """The fields whose change makes results incomparable (resume refuses a mismatch)."""
@@ -257,7 +261,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     needs_images = bool(policy.spec.cameras) or cfg.video > 0
     cameras = policy.spec.cameras or None
     image_size = policy.spec.image_size if policy.spec.cameras else cfg.image_size
-    env = make_env(cfg.env, cameras=cameras, image_size=image_size, render=needs_images)
+    env = make_env(cfg.env, cameras=cameras, image_size=image_size, render=needs_images, **cfg.env_kwargs())
     try:
         check_compatible(policy.spec, env.spec)
         specs = env.episode_specs(cfg.seed, cfg.episodes, list(cfg.tasks) or None)

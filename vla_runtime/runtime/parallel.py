@@ -54,7 +54,7 @@ class EpisodeRunner:
         cams = self.policy.spec.cameras or None
         size = self.policy.spec.image_size if self.policy.spec.cameras else cfg.image_size
         self.env = make_env(cfg.env, cameras=cams, image_size=size,
-                            render=bool(self.policy.spec.cameras) or cfg.video > 0)
+                            render=bool(self.policy.spec.cameras) or cfg.video > 0, **cfg.env_kwargs())
         check_compatible(self.policy.spec, self.env.spec)
 
     def run(self, spec_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def _local_worker(wid: int, cfg: EvalConfig, out_dir: str, tasks: Any, results: 
 def _specs_and_out(cfg: EvalConfig) -> tuple[list[EpisodeSpec], Any, set[str], float]:
     from vla_runtime.envs import make_env
 
-    env = make_env(cfg.env, render=False)
+    env = make_env(cfg.env, render=False, **cfg.env_kwargs())
     try:
         specs = env.episode_specs(cfg.seed, cfg.episodes, list(cfg.tasks) or None)
         hz = env.spec.control_hz
