@@ -272,3 +272,34 @@ def test_remote_env_realtime_steps_and_async_chunks() -> None:
         agent.stop()
     executed = [c for c in list(agent.commands) if c.kind == "action"]
     assert executed and all(_intended_tick(c.action) == c.tick for c in executed)
+
+
+def test_realtime_episodes_through_the_runtime_loop() -> None:
+    """The lead's control loop drives a realtime agent (which owns time) episode after episode."""
+    from vla_runtime.bridges.agent import SimDriver
+    from vla_runtime.bridges.client import RemoteEnv
+    from vla_runtime.envs import make_env
+    from vla_runtime.policies import make_policy
+    from vla_runtime.runtime.loop import LoopConfig, run_episode
+
+    agent = RobotAgent(SimDriver(make_env("dummy:reach")), free_tcp_endpoint(), lockstep=False).start()
+    env = RemoteEnv(agent.endpoint, timeout_s=5.0)
+    try:
+        assert env.paces_itself
+        specs = env.episode_specs(0, 3)
+        # a long idle episode first: its streamed observations must not leak into the next episode
+        env.reset(specs[0])
+        for _ in range(25):
+            last = env.step(np.zeros(7, np.float32))
+        assert last.obs.step >= 25
+        env.reset(specs[1])
+        first = env.step(np.zeros(7, np.float32))
+        assert first.obs.step < 20, "the step after a reset went to the previous episode's tick"
+        policy = make_policy("scripted", env_name=env.spec.name)
+        results = [run_episode(env, policy, s, LoopConfig(clock="unpaced")) for s in specs]
+    finally:
+        env.close()
+        agent.stop()
+    assert all(r.success for r in results), [(r.success, r.steps) for r in results]
+    executed = [c for c in list(agent.commands) if c.kind == "action"]
+    assert executed and all(c.obs_stamp is not None and c.t >= c.obs_stamp for c in executed)

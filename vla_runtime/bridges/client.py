@@ -282,6 +282,8 @@ class BridgeClient:
         self.stats["rx"][msg.kind] += 1
         if reply_to is not None:
             self._replies[reply_to] = msg
+            if msg.kind == "obs":  # a reset's first observation: streamed ones before it are the old episode's
+                self._latest_obs = None
             if len(self._replies) > 256:  # replies nobody waits for (acks of async chunks): keep the newest
                 for k in sorted(self._replies)[:-128]:
                     del self._replies[k]
@@ -320,6 +322,12 @@ class BridgeClient:
         while self._pump(0):
             pass
         return self._replies.pop(seq, None)
+
+    def newest_obs(self) -> P.Message | None:
+        """The newest streamed observation received so far (non-blocking; drains the socket first)."""
+        while self._pump(0):
+            pass
+        return self._latest_obs
 
     def recv_obs(self, timeout_s: float | None = None, after_tick: int = -1) -> P.Message:
         """The newest streamed observation with tick > `after_tick` (realtime mode); waits up to `timeout_s`."""
@@ -366,6 +374,9 @@ class RemoteEnv(Env):
         self._tick = 0
         self._agent_stamp = 0.0
         self.last_safety: dict[str, Any] = {}
+        # realtime: the agent paces the episode (step() returns when the robot has moved one tick), so a
+        # runtime loop should not pace again on top (use the unpaced clock, or the wall clock knowingly)
+        self.paces_itself = self.mode == "realtime"
 
     def tasks(self) -> list[TaskInfo]:
         return [TaskInfo(t, i, m) for t, i, m in self.robot.tasks]
@@ -400,7 +411,13 @@ class RemoteEnv(Env):
             self.last_safety = m.body.get("safety", {})
             return StepResult(obs, float(r.get("reward", 0.0)), bool(r.get("success", False)), bool(r.get("done", False)),
                               {"safety": self.last_safety, "executed": r.get("executed", 0)})
+        # realtime: the agent owns time. The action goes to the agent's current tick (the newest streamed
+        # observation's, which may be newer than the one the caller acted on if the caller was slow or slept),
+        # and the step returns the first observation captured after that tick executed.
         tick = self._tick
+        newest = self.client.newest_obs()
+        if newest is not None:
+            tick = max(tick, int(newest.body["tick"]))
         seq = self.client.send_chunk(a, self._agent_stamp, tick)
         m = self.client.recv_obs(after_tick=tick)
         obs = self._decode(m)
