@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the robot PC. The agent owns safety: clamps to limits, rate-limits, drops stale/non-finite actions, and
 # holds within 2 control periods when no fresh chunk arrives. Binding off loopback requires CURVE keys:
-# put server.public + server.secret and the runtime's client.public (in allowed_clients/) in $KEYS.
+# put server.public + server.secret and the runtime's client.public (in authorized_clients/) in $KEYS.
 set -euo pipefail
 ENV=${ENV:-libero:libero_object}      # a simulator name, or your driver: python:your_pkg.your_module:YourDriver
 BIND=${BIND:-tcp://0.0.0.0:5555}

@@ -63,6 +63,8 @@ def _agent_extras(tick: int, stamp: float, lockstep: bool) -> dict[str, Any]:
         return chunk(seq, ok, name="acts"), {"bad_field"}
 
     def wrong_tick(seq: int, r: random.Random) -> tuple[list[bytes], set[str]]:
+        if not lockstep and r.random() < 0.3:  # realtime: a plan for the far future is refused too
+            return chunk(seq, ok, {"start_tick": 10**9 + r.randint(0, 10**6), "obs_stamp": stamp}), {"bad_field"}
         start = tick + r.randint(1, 100) if lockstep else r.randint(0, 2)
         return chunk(seq, ok, {"start_tick": start, "obs_stamp": stamp}), {"stale"}
 

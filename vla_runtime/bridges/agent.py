@@ -483,6 +483,10 @@ class RobotAgent:
             self._run_lockstep(identity, msg, a, start, stamp)
             return
         # realtime: queue by tick; the newest chunk replaces the queued future from its first tick on
+        if start > self._tick + self.limits.max_horizon:  # bounds the queue: no plans for the far future
+            self.safety.count("rejected_chunk")
+            raise ProtocolError("bad_field", f"start_tick {start} is more than {self.limits.max_horizon} ticks "
+                                             f"ahead of the current tick {self._tick}")
         age = now - stamp
         if age > self.safety_cfg.max_action_age_s:
             self.safety.count("stale_age", a.shape[0])

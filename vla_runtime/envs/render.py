@@ -187,7 +187,10 @@ def prepare_robosuite_import() -> None:
                         "segfault; call vla_runtime.envs.render.prepare_robosuite_import() before importing "
                         "mujoco/robosuite")
         else:
-            import triton  # noqa: F401  - import order matters, see module docstring
+            try:
+                import triton  # noqa: F401  - import order matters, see module docstring
+            except ImportError as e:  # a broken triton must not stop simulation; kernels fall back to torch
+                log.warning("import triton failed (%s); a later import may crash after rendering", e)
 
 
 def import_robosuite() -> Any:

@@ -35,3 +35,10 @@ def check_index_bounds(op: str, name: str, idx: torch.Tensor, size: int) -> None
     if lo < 0 or hi >= size:
         raise UserError(f"{op}: {name} has entries in [{lo}, {hi}], outside [0, {size})")
 
+
+
+def check_same_device(op: str, *tensors: torch.Tensor | None) -> None:
+    """A Triton kernel dereferences raw pointers: every input must live on the kernel's device."""
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise UserError(f"{op}: inputs are on different devices ({sorted(map(str, devs))}); move them to one device")

@@ -35,6 +35,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Literal
@@ -55,6 +56,7 @@ _loaded_mode: dict[str, bool] = {}  # op -> interpret flag its kernel module was
 _triton_import_ok: bool | None = None  # None until the first attempt
 _warned: set[str] = set()
 _triton_mode: str | None = None  # cached by triton_mode()
+_load_lock = threading.Lock()  # first kernel import may race between the control loop and an inference worker
 
 
 def interpret_requested() -> bool:
@@ -123,7 +125,7 @@ def use_backend(name: BackendName) -> Iterator[None]:
         _forced.reset(token)
 
 
-def choose_backend(op: str, *tensors: torch.Tensor, backend: BackendName | None = None) -> ChosenBackend:
+def choose_backend(op: str, *tensors: torch.Tensor | None, backend: BackendName | None = None) -> ChosenBackend:
     """Apply the dispatch rule to these input tensors; records and returns the chosen path."""
     want = backend if backend is not None else _forced.get()
     if want not in BACKENDS:
@@ -184,19 +186,19 @@ def load_triton_module(op: str) -> ModuleType:
     mod = sys.modules.get(name)
     if mod is not None and _loaded_mode.get(op) == interp:
         return mod
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
-    try:
-        mod = importlib.import_module(name) if mod is None else importlib.reload(mod)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    _loaded_mode[op] = interp
+    with _load_lock:
+        mod = sys.modules.get(name)
+        if mod is not None and _loaded_mode.get(op) == interp:
+            return mod
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interp else "0"
+        try:
+            mod = importlib.import_module(name) if mod is None else importlib.reload(mod)
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        _loaded_mode[op] = interp
     return mod
 
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1) (Triton block sizes must be powers of two)."""
-    return 1 << max(int(n) - 1, 0).bit_length()

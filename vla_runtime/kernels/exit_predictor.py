@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vla_runtime.errors import UserError
-from vla_runtime.kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_bounds, check_tensor
+from vla_runtime.kernels._checks import INDEX_DTYPES, check_index_bounds, check_same_device, check_tensor
 from vla_runtime.kernels.dispatch import BackendName, choose_backend, interpret_requested, load_triton_module
 
 OP = "exit_predictor"
@@ -140,6 +140,7 @@ def exit_predictor_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_
     """Triton kernel (compiled on CUDA, interpreted on CPU with TRITON_INTERPRET=1); block sizes for tests."""
     prev = _check_features(hidden, norm_weight, lm_head, cand_idx, prev_probs, check_indices)
     w1, b1, w2, b2 = _check_mlp(cand_idx.shape[1], w1, b1, w2, b2)
+    check_same_device(OP, hidden, norm_weight, lm_head, cand_idx, prev, w1, b1, w2, b2)
     mod = load_triton_module(OP)
     out = mod.launch(hidden, norm_weight, norm_eps, lm_head, cand_idx, prev, w1, b1, w2, b2,
                      interpret=interpret_requested() or not hidden.is_cuda, block_d=block_d, block_h=block_h)
@@ -156,7 +157,7 @@ def exit_predictor(hidden: torch.Tensor, norm_weight: torch.Tensor, norm_eps: fl
     w1 (3C, Hd), b1 (Hd,), w2 (Hd, 1) or (Hd,), b2 (1,) or (). Returns ExitPrediction(score (B,),
     cand_logits (B, C), cand_probs (B, C)), all float32.
     """
-    chosen = choose_backend(OP, hidden, norm_weight, lm_head, cand_idx, w1, backend=backend)
+    chosen = choose_backend(OP, hidden, norm_weight, lm_head, cand_idx, prev_probs, w1, b1, w2, b2, backend=backend)
     fn = exit_predictor_torch if chosen == "torch" else exit_predictor_triton
     return fn(hidden, norm_weight, norm_eps, lm_head, cand_idx, prev_probs, w1, b1, w2, b2,
               check_indices=check_indices)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from vla_runtime.errors import UserError
-from vla_runtime.kernels._checks import FLOAT_DTYPES, check_tensor
+from vla_runtime.kernels._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from vla_runtime.kernels.dispatch import BackendName, choose_backend, interpret_requested, load_triton_module
 
 OP = "patch_cosine_similarity"
@@ -50,6 +50,7 @@ def patch_cosine_similarity_triton(a: torch.Tensor, b: torch.Tensor, *, eps: flo
                                    block_p: int | None = None, block_d: int | None = None) -> torch.Tensor:
     """Triton kernel (compiled on CUDA, interpreted on CPU with TRITON_INTERPRET=1); block sizes for tests."""
     a3, b3, squeeze = _normalize(a, b)
+    check_same_device(OP, a3, b3)
     mod = load_triton_module(OP)
     out = mod.launch(a3, b3, eps, interpret=interpret_requested() or not a3.is_cuda,
                      block_p=block_p, block_d=block_d)

@@ -209,6 +209,10 @@ class PlaceExpert(PickExpert):
 
     def after_lift(self, obs: Observation) -> np.ndarray:
         p = obs.privileged
+        if self.phase in ("carry", "lower") and not self.gripper_closed_on_object(obs):
+            self._goto("approach")  # dropped it on the way: open, go back and pick it up again
+            self.target_yaw = None
+            return self.action(obs, p["eef_pos"] + np.array([0.0, 0.0, 0.05]), OPEN)
         if self.phase == "carry":
             tgt = self._place_target(obs, self.CLEARANCE)
             if self.t_phase == 1:
