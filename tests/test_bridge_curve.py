@@ -81,3 +81,19 @@ def test_known_key_connects_unknown_key_and_plain_text_are_refused(tmp_path: Pat
         late.close()
     finally:
         agent.stop()
+
+
+def test_remote_env_takes_keys_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vla_runtime.bridges.client import KEYS_ENV, RemoteEnv
+
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    agent = RobotAgent(FakeDriver(), free_tcp_endpoint(), keys_dir=keys, lockstep=True).start()
+    try:
+        monkeypatch.setenv(KEYS_ENV, str(keys))  # the generated dir holds client.* and server.public
+        env = RemoteEnv(agent.endpoint, timeout_s=5.0, handshake_timeout_s=5.0)
+        assert env.tasks()[0].task == "hover"
+        env.close()
+    finally:
+        agent.stop()
+    assert agent.stats["rx"]["hello"] == 1

@@ -32,6 +32,9 @@ from vla_runtime.runtime.types import ActionChunk, Observation
 log = logging.getLogger("vla_runtime.bridges.client")
 
 
+KEYS_ENV = "VLA_RUNTIME_KEYS"  # CurveZMQ client keys directory for RemoteEnv when none is passed
+
+
 class BridgeError(Exception):
     """The bridge failed: `code` is a protocol error code from the agent, or timeout / auth / closed."""
 
@@ -141,8 +144,8 @@ class BridgeClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.connected = False
-                    hint = " (with CURVE: is this client's public key in the agent's authorized_clients?)" \
-                        if self.keys_dir else ""
+                    hint = (" (with CURVE: is this client's public key in the agent's authorized_clients?)"
+                            if self.keys_dir else f" (if the agent uses CurveZMQ keys, set {KEYS_ENV}=DIR)")
                     raise BridgeTimeout(f"handshake with {self.address} failed after {self.handshake_timeout_s:.1f} s: "
                                         f"{last}{hint}")
                 t0 = time.monotonic()
@@ -361,6 +364,8 @@ class RemoteEnv(Env):
     def __init__(self, address: str, *, keys_dir: str | None = None, timeout_s: float = 30.0,
                  handshake_timeout_s: float = 10.0, limits: Limits = P.DEFAULT_LIMITS, **_: Any) -> None:
         self.address = address
+        if keys_dir is None:  # `vla-runtime eval --env remote:...` passes no keys: take them from the environment
+            keys_dir = os.environ.get(KEYS_ENV) or None
         self.client = BridgeClient(address, keys_dir=keys_dir, timeout_s=timeout_s,
                                    handshake_timeout_s=handshake_timeout_s, limits=limits)
         body = self.client.connect()
