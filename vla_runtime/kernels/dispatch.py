@@ -93,9 +93,13 @@ def triton_importable() -> bool:
         # Cached: once Mesa's libLLVM is mapped it stays mapped for the life of the process.
         _triton_import_ok = False
     else:
-        import triton  # noqa: F401  - lazy on purpose, see module docstring
-
-        _triton_import_ok = True
+        try:
+            import triton  # noqa: F401  - lazy on purpose, see module docstring
+        except ImportError as e:  # a broken install: the torch path still works, say why once
+            log.warning("import triton failed (%s): kernels use the torch reference", e)
+            _triton_import_ok = False
+        else:
+            _triton_import_ok = True
     return _triton_import_ok
 
 
