@@ -97,3 +97,12 @@ def test_remote_env_takes_keys_from_the_environment(tmp_path: Path, monkeypatch:
     finally:
         agent.stop()
     assert agent.stats["rx"]["hello"] == 1
+
+
+def test_binding_a_busy_port_is_a_clear_user_error() -> None:
+    first = RobotAgent(FakeDriver(), free_tcp_endpoint(), lockstep=True).start()
+    try:
+        with pytest.raises(UserError, match="cannot bind"):
+            RobotAgent(FakeDriver(), first.endpoint, lockstep=True).start()
+    finally:
+        first.stop()

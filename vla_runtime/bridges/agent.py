@@ -259,7 +259,14 @@ class RobotAgent:
             sock.curve_server = True
             sock.curve_publickey = public
             sock.curve_secretkey = secret
-        sock.bind(self.bind)
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            from vla_runtime.errors import UserError
+
+            raise UserError(f"cannot bind the robot agent to {self.bind}: {e} (another agent running? pick "
+                            "another --bind port)") from e
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._sock = sock
         self.ready.set()
