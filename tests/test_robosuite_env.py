@@ -190,3 +190,13 @@ def test_two_render_envs_in_one_process_render_the_same_frames(lift_render: Robo
             assert oa.images[k].std() > 10  # a real scene, not a blank or noise-free buffer
     finally:
         other.close()
+
+
+def test_rendering_does_not_change_the_physics(lift_render: RobosuiteEnv, lift_fast: RobosuiteEnv) -> None:
+    """Experts are validated with render=False; demos are recorded with cameras: same seed, same trajectory."""
+    a = np.array([0.5, 0.2, -0.4, 0.0, 0.1, 0.0, 1.0], np.float32)
+    o1, o2 = lift_render.reset(ep("Lift", 33)), lift_fast.reset(ep("Lift", 33))
+    for _ in range(5):
+        o1, o2 = lift_render.step(a).obs, lift_fast.step(a).obs
+    np.testing.assert_array_equal(o1.state, o2.state)
+    np.testing.assert_array_equal(o1.privileged["cube_pos"], o2.privileged["cube_pos"])
