@@ -102,8 +102,8 @@ class SpecPruneConfig:
     prune_layer: int = 1  # visual tokens are dropped before this layer (our VLAs train with drops after layer 1)
     local_layers: tuple[int, ...] = (0,)  # layers whose attention ranks visual tokens this step
     local_queries: tuple[str, ...] = ("text",)  # query tokens whose attention counts: text, proprio, suffix
-    budget_coarse: float = 0.25  # visual tokens kept at prune_layer, coarse mode
-    budget_fine: float = 0.45  # ... fine mode (gentle)
+    budget_coarse: float = 0.3  # visual tokens kept at prune_layer, coarse mode (training drops keep 30-50 %)
+    budget_fine: float = 0.5  # ... fine mode (gentle)
     budget: float = 0.25  # baselines: fixed budget (no controller)
     local_k_coarse: float = 0.06  # local top-k per camera (fraction of the camera's patches), coarse
     local_k_fine: float = 0.10  # ... fine

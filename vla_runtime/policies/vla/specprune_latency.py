@@ -39,25 +39,29 @@ def record_frames(env_name: str, cameras: tuple[str, ...], image_size: int, step
         obs = env.reset(spec)
         expert.reset(obs.instruction)
         imgs: dict[str, list[np.ndarray]] = {c: [] for c in cameras}
-        states, queue = [], []
+        states, actions, queue = [], [], []
         for _ in range(steps):
             for c in cameras:
                 imgs[c].append(obs.images[c])
             states.append(obs.state)
             if not queue:
                 queue = list(expert.act(obs).actions)
-            res = env.step(queue.pop(0))
+            actions.append(queue.pop(0))
+            res = env.step(actions[-1])
             obs = res.obs
             if res.done:
                 break
     finally:
         env.close()
     np.savez_compressed(out, instruction=np.array(obs.instruction), states=np.stack(states),
+                        actions=np.stack(actions),
                         **{f"img_{c}": np.stack(v) for c, v in imgs.items()})
     return out
 
 
-def load_frames(path: Path | None, cameras: tuple[str, ...], image_size: int, steps: int) -> list[Observation]:
+def load_frames(path: Path | None, cameras: tuple[str, ...], image_size: int, steps: int
+                ) -> tuple[list[Observation], np.ndarray | None]:
+    """Observations (and the actions executed after each, when recorded)."""
     if path is None:
         from vla_runtime.envs.base import EpisodeSpec
         from vla_runtime.envs.dummy import DummyReachEnv
@@ -69,15 +73,16 @@ def load_frames(path: Path | None, cameras: tuple[str, ...], image_size: int, st
         for _ in range(steps):
             out.append(obs)
             obs = env.step(rng.uniform(-0.3, 0.3, 7).astype(np.float32)).obs
-        return out
+        return out, None
     d = np.load(path)
     missing = [c for c in cameras if f"img_{c}" not in d]
     if missing:
         raise UserError(f"{path} has no frames for cameras {missing}")
     n = min(steps, len(d["states"]))
     instr = str(d["instruction"])
-    return [Observation(images={c: d[f"img_{c}"][i] for c in cameras}, state=d["states"][i], instruction=instr,
-                        stamp=float(i), step=i) for i in range(n)]
+    obs = [Observation(images={c: d[f"img_{c}"][i] for c in cameras}, state=d["states"][i], instruction=instr,
+                       stamp=float(i), step=i) for i in range(n)]
+    return obs, (d["actions"][:n] if "actions" in d else None)
 
 
 def build_policies(policy: str, arch: str, variants: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
@@ -115,24 +120,40 @@ def build_policies(policy: str, arch: str, variants: list[tuple[str, str, dict[s
     return out
 
 
-def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3) -> dict[str, dict[str, Any]]:
-    """Interleaved per observation: every variant acts on frame i before any acts on frame i + 1."""
-    res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "vision": [], "decoder": [], "vis_tok": []}
-                                                for k in policies}
+def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3,
+            actions: np.ndarray | None = None, stride: int = 1) -> dict[str, dict[str, Any]]:
+    """Interleaved per observation: every variant acts on frame i before any acts on frame i + stride.
+
+    With the recorded `actions`, every variant's `on_action` sees the actions executed between its inferences
+    (so SpecPrune's controller follows the demo's phases). `action_l1` is the mean |a - a_full| of a variant's
+    chunk against the first variant's (no pruning) on the same frame: how much the token selection changes
+    what the model would do (0 for a lossless selection).
+    """
+    res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "vision": [], "decoder": [], "vis_tok": [], "l1": [],
+                                                    "fine": []} for k in policies}
     for p in policies.values():
         p.reset(frames[0].instruction)
-    for i, obs in enumerate(frames):
+    for n_inf, i in enumerate(range(0, len(frames), stride)):
+        obs = frames[i]
+        ref = None
         for label, p in policies.items():
             t0 = time.perf_counter()
             ch = p.act(obs)
             ms = (time.perf_counter() - t0) * 1e3
-            if i < warmup:
+            if ref is None:
+                ref = ch.actions
+            if actions is not None:
+                for a in actions[i:i + stride]:
+                    p.on_action(a)
+            if n_inf < warmup:
                 continue
             r = res[label]
             r["ms"].append(ms)
             r["vision"].append(ch.info.get("vision_ms", 0.0))
             r["decoder"].append(ch.info.get("decoder_ms", 0.0))
             r["vis_tok"].append(ch.info.get("mean_visual_tokens", float("nan")))
+            r["l1"].append(float(np.abs(ch.actions - ref).mean()))
+            r["fine"].append(float(ch.info.get("prune_fine", 0)))
     base = float(np.median(res[next(iter(policies))]["ms"]))
     out = {}
     for label, r in res.items():
@@ -141,6 +162,7 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
                       "vision_ms_p50": round(float(np.median(r["vision"])), 2),
                       "decoder_ms_p50": round(float(np.median(r["decoder"])), 2),
                       "visual_tokens_per_layer": round(float(np.mean(r["vis_tok"])), 1),
+                      "action_l1": round(float(np.mean(r["l1"])), 4), "fine_frac": round(float(np.mean(r["fine"])), 3),
                       "ratio": round(base / p50, 3), "n": len(r["ms"])}
     return out
 
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--record", default="", help="env name: record expert frames to --frames first")
     ap.add_argument("--task", default=None)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--stride", type=int, default=1, help="infer on every k-th recorded frame")
     ap.add_argument("--budgets", default="0.5,0.3,0.2,0.1")
     ap.add_argument("--options", default="{}", help="JSON overrides of SpecPruneConfig for every variant")
     ap.add_argument("--threads", type=int, default=1)
@@ -182,18 +205,19 @@ def main(argv: list[str] | None = None) -> None:
         if a.frames is None:
             raise UserError("--record needs --frames PATH to write to")
         record_frames(a.record, cams, size, a.steps, a.frames, task=a.task)
-    frames = load_frames(a.frames, cams, size, a.steps)
-    res = measure(pols, frames)
+    frames, acts = load_frames(a.frames, cams, size, a.steps)
+    res = measure(pols, frames, actions=acts, stride=a.stride)
     cfg = first.cfg
     report = {"policy": a.policy or f"random:{a.arch}", "n_visual": cfg.n_visual, "layers": cfg.layers,
               "hidden": cfg.hidden, "frames": str(a.frames) if a.frames else "dummy", "threads": a.threads,
               "options": extra, "results": res}
     print(f"{report['policy']}: {cfg.n_visual} visual tokens, {cfg.layers}x{cfg.hidden} decoder, "
           f"{len(frames)} frames, {a.threads} thread(s)")
-    print(f"{'variant':22s} {'p50 ms':>8s} {'p95 ms':>8s} {'vision':>7s} {'decoder':>8s} {'vis/layer':>9s} {'ratio':>6s}")
+    print(f"{'variant':22s} {'p50 ms':>8s} {'p95 ms':>8s} {'vision':>7s} {'decoder':>8s} {'vis/layer':>9s} "
+          f"{'ratio':>6s} {'|da|':>7s} {'fine':>5s}")
     for k, r in res.items():
         print(f"{k:22s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['vision_ms_p50']:7.1f} {r['decoder_ms_p50']:8.1f} "
-              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x")
+              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x {r['action_l1']:7.4f} {r['fine_frac']:5.2f}")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1))
