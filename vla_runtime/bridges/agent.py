@@ -212,7 +212,7 @@ class RobotAgent:
                                    np.asarray(self.robot.action_high, np.float32),
                                    np.asarray(self.robot.hold_action, np.float32), safety)
         self.commands: deque[CommandRecord] = deque(maxlen=log_size)
-        self.rx_log: deque[tuple[float, str, int]] = deque(maxlen=log_size)  # (t, kind, seq) accepted
+        self.rx_log: deque[tuple[float, str, int]] = deque(maxlen=log_size)  # (t, kind, seq) of accepted messages
         self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter(),
                                               "link": Counter()}
         # a CURVE agent gets its own context: its ZAP handler (one per context) must not clash with another's
@@ -373,8 +373,6 @@ class RobotAgent:
             msg = P.decode(frames[1:], self.limits, P.CLIENT_KINDS)
             seq = msg.seq
             self._check_session(identity, msg, now)
-            self.stats["rx"][msg.kind] += 1
-            self.rx_log.append((now, msg.kind, msg.seq))
             if msg.kind == "hello":
                 self._on_hello(identity, msg)
             elif msg.kind == "reset":
@@ -412,6 +410,12 @@ class RobotAgent:
             self.stats["link"]["seq_gap"] += msg.seq - self._session.last_seq - 1  # lost or rejected in between
         self._session.last_seq = msg.seq
         self._session.last_rx = now
+        self._record(msg, now)
+
+    def _record(self, msg: P.Message, now: float) -> None:
+        """Count an accepted message (before any reply: the counters never lag what the peer has seen)."""
+        self.stats["rx"][msg.kind] += 1  # rejected ones count under "dropped" (a stale chunk: in both)
+        self.rx_log.append((now, msg.kind, msg.seq))
 
     def _on_hello(self, identity: bytes, msg: P.Message) -> None:
         proto = P.req_field(msg.body, "protocol", int, "hello")
@@ -424,7 +428,9 @@ class RobotAgent:
         if old is not None and old.identity != identity:
             log.warning("controller %r took over from %r", client, old.client)
             self._queue.clear()  # the new controller starts from a holding robot
-        self._session = _Session(identity, msg.seq, time.monotonic(), client[:128])
+        now = time.monotonic()
+        self._session = _Session(identity, msg.seq, now, client[:128])
+        self._record(msg, now)
         self._send(identity, "spec", {
             "reply_to": msg.seq, "protocol": P.PROTOCOL_VERSION, "mode": "lockstep" if self.lockstep else "realtime",
             "robot": self.robot.to_dict(), "safety": self.safety_cfg.to_dict(), "limits": self.limits.to_dict(),
