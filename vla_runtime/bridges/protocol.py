@@ -155,30 +155,24 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("bad_header", f"msgpack extension type {code} not allowed")
 
 
-def _check_tree(x: Any, limits: Limits, depth: int = 0) -> None:
-    """Body values must be plain JSON-like data: no ext types, bounded depth and string lengths."""
-    if depth > limits.max_depth:
-        raise ProtocolError("bad_header", f"body nested deeper than {limits.max_depth}")
-    if x is None or isinstance(x, (bool, int)):
-        return
-    if isinstance(x, float):
-        return
-    if isinstance(x, str):
-        if len(x) > limits.max_str_len:
-            raise ProtocolError("too_large", f"string of {len(x)} chars exceeds {limits.max_str_len}")
-        return
-    if isinstance(x, (list, tuple)):
-        for v in x:
-            _check_tree(v, limits, depth + 1)
-        return
-    if isinstance(x, dict):
-        for k, v in x.items():
-            if not isinstance(k, str):
-                raise ProtocolError("bad_header", "body map keys must be strings")
-            _check_tree(k, limits, depth + 1)
-            _check_tree(v, limits, depth + 1)
-        return
-    raise ProtocolError("bad_header", f"body value of type {type(x).__name__} not allowed")
+def _check_tree(x: Any, limits: Limits) -> None:
+    """Bound the nesting of the body (iteratively: a hostile depth cannot recurse here).
+
+    Types need no check: with bin and ext disabled and strict map keys, msgpack can only produce None,
+    bool, int, float, str, list and dict (with str keys); string lengths are bounded by the unpacker.
+    """
+    stack: list[tuple[Any, int]] = [(x, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if d >= limits.max_depth:
+            raise ProtocolError("bad_header", f"body nested deeper than {limits.max_depth}")
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def _frame_bytes(f: Any) -> memoryview | bytes:
@@ -203,12 +197,14 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, allowed_kinds
         raise ProtocolError("header_too_large", f"header of {len(raw)} bytes exceeds {limits.max_header_bytes}")
     try:
         h = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
-                            max_str_len=limits.max_header_bytes, max_bin_len=0,
+                            max_str_len=limits.max_str_len, max_bin_len=0,
                             max_array_len=limits.max_header_bytes, max_map_len=limits.max_header_bytes,
                             max_ext_len=0)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises ValueError/ExtraData/FormatError/StackError/UnicodeDecodeError...
+        if "max_str_len" in str(e):
+            raise ProtocolError("too_large", f"a header string exceeds {limits.max_str_len} chars") from e
         raise ProtocolError("bad_header", f"header is not valid msgpack: {type(e).__name__}: {str(e)[:80]}") from e
     if not isinstance(h, dict):
         raise ProtocolError("bad_header", f"header must be a map, got {type(h).__name__}")
