@@ -76,12 +76,12 @@ def bench_bridge(episodes: int = 20, steps: int = 60, image_size: int = 128, out
         raise UserError("bench bridge needs --episodes >= 1 and --steps >= 1")
     local = DummyReachEnv(image_size=image_size)
     specs = local.episode_specs(seed, episodes)
+    lat0, succ0, states0, _, n0 = _run(local, specs, steps)  # baseline first: the agent's start-up would load the CPU
     endpoint = free_tcp_endpoint()
     agent = subprocess.Popen([sys.executable, "-m", "vla_runtime.bridges.agent", "--env", "dummy:reach", "--bind",
                               endpoint, "--lockstep", "--image-size", str(image_size), "--exact-image-size", "--quiet"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        lat0, succ0, states0, _, n0 = _run(local, specs, steps)
         remote = RemoteEnv(endpoint, timeout_s=30.0, handshake_timeout_s=60.0)
         try:
             lat1, succ1, states1, total1, n1 = _run(remote, [s for s in remote.episode_specs(seed, episodes)], steps)
