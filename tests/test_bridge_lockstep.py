@@ -142,3 +142,15 @@ def test_bench_bridge_writes_bench_json(tmp_path: Path) -> None:
     assert bridge["steps"] == saved["methods"][0]["steps"] > 0 and bridge["messages"] >= 2 * bridge["steps"]
     for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "ratio_to_baseline", "messages_per_s"):
         assert bridge[k] is not None and bridge[k] > 0
+
+
+def test_ipc_endpoint_in_a_tmp_dir(tmp_path: Path) -> None:
+    agent = RobotAgent(SimDriver(make_env("dummy:reach")), f"ipc://{tmp_path}/agent.sock", lockstep=True).start()
+    try:
+        env = make_env(f"remote:{agent.endpoint}")
+        obs = env.reset(env.episode_specs(5, 1)[0])
+        r = env.step(np.zeros(7, np.float32))
+        assert r.obs.step == obs.step + 1 == 1
+        env.close()
+    finally:
+        agent.stop()
