@@ -449,8 +449,11 @@ class VLAModel(nn.Module):
         if ctx is None:
             ctx = StepContext(n_layers=self.n_layers, mode=cfg.mode)
         ctx.images = images
+        sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)  # honest split on async devices
+        sync()
         t0 = time.perf_counter()
         prefix = self.embed_prefix(images, state, text_ids)
+        sync()
         t1 = time.perf_counter()
         h = torch.cat([prefix, self.suffix_inputs(B, prefix.dtype)], 1)
         n_pre = cfg.prefix_len
@@ -463,12 +466,15 @@ class VLAModel(nn.Module):
         head_ms = 0.0
         if cfg.mode == "parallel":
             out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx)
+            sync()
             t2 = time.perf_counter()
             actions = self.head(out[:, -cfg.n_suffix:]).float()
+            sync()
             t3 = time.perf_counter()
             head_ms = (t3 - t2) * 1e3
         else:
             actions, ctx, head_ms = self._generate(h, pos, kinds, valid, pruner, exit_policy, ctx)
+            sync()
             t3 = time.perf_counter()
         if timings is not None:
             timings["vision_ms"] = (t1 - t0) * 1e3
