@@ -226,7 +226,11 @@ class BridgeClient:
                 if self._sock is None:
                     return
                 if time.monotonic() - self._last_tx >= self.heartbeat_s:
-                    self._send("heartbeat", {})
+                    try:
+                        self._send("heartbeat", {})
+                    except BridgeError as e:  # e.g. send queue full while the agent is away: retried next time
+                        self.stats["dropped"]["heartbeat_not_sent"] += 1
+                        log.warning("heartbeat not sent: %s", e)
 
     # ------------------------------------------------------------------------------------- send / receive
     def _send(self, kind: str, body: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> int:
