@@ -225,12 +225,16 @@ class BridgeClient:
             with self._lock:
                 if self._sock is None:
                     return
-                if time.monotonic() - self._last_tx >= self.heartbeat_s:
-                    try:
-                        self._send("heartbeat", {})
-                    except BridgeError as e:  # e.g. send queue full while the agent is away: retried next time
-                        self.stats["dropped"]["heartbeat_not_sent"] += 1
-                        log.warning("heartbeat not sent: %s", e)
+                self._maybe_heartbeat()
+
+    def _maybe_heartbeat(self) -> None:
+        """Send a heartbeat if nothing was sent for `heartbeat_s` (caller holds the lock)."""
+        if self.connected and time.monotonic() - self._last_tx >= self.heartbeat_s:
+            try:
+                self._send("heartbeat", {})
+            except BridgeError as e:  # e.g. send queue full while the agent is away: retried next time
+                self.stats["dropped"]["heartbeat_not_sent"] += 1
+                log.warning("heartbeat not sent: %s", e)
 
     # ------------------------------------------------------------------------------------- send / receive
     def _send(self, kind: str, body: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> int:
@@ -263,8 +267,7 @@ class BridgeClient:
                 if int(ev["event"]) & _AUTH_EVENTS:
                     raise BridgeError("auth", f"CURVE handshake with {self.address} refused: this client's public "
                                               "key is not in the agent's authorized_clients, or server.public is wrong")
-            if time.monotonic() - self._last_tx >= self.heartbeat_s and self.connected:
-                self._send("heartbeat", {})
+            self._maybe_heartbeat()
             if not self._sock.poll(int(max(0.0, timeout_s) * 1e3), zmq.POLLIN):
                 return False
             frames = self._sock.recv_multipart(copy=False)
