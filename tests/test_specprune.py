@@ -20,7 +20,7 @@ from vla_runtime.envs.base import EpisodeSpec
 from vla_runtime.envs.dummy import DummyReachEnv
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
-from vla_runtime.policies.vla.modeling import KIND_VISUAL, StepContext, VLAModel
+from vla_runtime.policies.vla.modeling import KIND_TEXT, KIND_VISUAL, StepContext, VLAModel
 from vla_runtime.policies.vla.policy import ACCELERATIONS, VLAPolicy, build_strategies, save_checkpoint
 from vla_runtime.policies.vla.specprune import (ACCEL_PRESETS, MEM_KEY, ControllerConfig, SpecPruneConfig,
                                                 SpecPrunePruner, classify_action, derive_controller_thresholds,
@@ -221,6 +221,24 @@ def test_baselines_keep_the_budget() -> None:
     again = Recorder(pr)
     step(model, again, x, {}, 0)
     assert kept_after_static(again, 2) == sets["prune-random"]
+
+
+def test_attention_selection_keeps_the_most_attended_patches() -> None:
+    """FastV-style selection == top-k of the text->vision attention at layer 0, computed independently."""
+    from vla_runtime.kernels import attention_importance_torch
+
+    model, tok = tiny_model()
+    x = inputs(model, tok)
+    rec = Recorder(make_pruner(model, "prune-fastv", budget=0.2))
+    _, ctx = step(model, rec, x, {}, 0)
+    first = rec.log[0]
+    text_rows = (first["kinds"][0] == KIND_TEXT).nonzero().squeeze(1)  # (padding already removed, B == 1)
+    imp = attention_importance_torch(ctx.attentions[0], text_rows, (1, 129))[0]  # (128,)
+    expect = set(imp.topk(26).indices.tolist())
+    assert kept_after_static(rec, 1) == expect
+    # and the kept patches received more attention than every dropped one
+    dropped = sorted(set(range(128)) - expect)
+    assert float(imp[sorted(expect)].min()) >= float(imp[dropped].max())
 
 
 def test_ar_mode_prefill_is_pruned() -> None:

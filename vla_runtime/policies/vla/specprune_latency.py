@@ -168,7 +168,7 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
 
 
 def default_variants(budgets: list[float]) -> list[tuple[str, str, dict[str, Any]]]:
-    v: list[tuple[str, str, dict[str, Any]]] = [("no-pruning", "", {})]
+    v: list[tuple[str, str, dict[str, Any]]] = [("no-pruning", "", {}), ("specprune(default)", "specprune", {})]
     for b in budgets:
         v.append((f"specprune@{b}", "specprune", {"budget_coarse": b, "budget_fine": b}))
     for b in budgets:
