@@ -303,3 +303,24 @@ def test_realtime_episodes_through_the_runtime_loop() -> None:
     assert all(r.success for r in results), [(r.success, r.steps) for r in results]
     executed = [c for c in list(agent.commands) if c.kind == "action"]
     assert executed and all(c.obs_stamp is not None and c.t >= c.obs_stamp for c in executed)
+
+
+def test_clock_offset_is_not_skewed_by_a_slow_starting_agent() -> None:
+    """The first hello may wait in a queue while the agent starts: the offset must come from a fresh probe."""
+    import threading
+
+    endpoint = free_tcp_endpoint()
+    client = BridgeClient(endpoint, timeout_s=5.0, handshake_timeout_s=10.0)
+    t = threading.Thread(target=client.connect)
+    t.start()
+    time.sleep(0.6)  # the client's hello is queued for 0.6 s before anyone answers it
+    agent = RobotAgent(FakeDriver(control_hz=HZ), endpoint, lockstep=True).start()
+    try:
+        t.join(10)
+        assert client.connected
+        # one machine, one monotonic clock: the true offset is 0
+        assert abs(client.clock_offset) < 0.1, (client.clock_offset, client.clock_rtt_s)
+        assert client.clock_rtt_s < 0.2
+    finally:
+        client.close()
+        agent.stop()

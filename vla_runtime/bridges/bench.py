@@ -5,6 +5,8 @@ Method `bridge_lockstep`: the same episodes through a robot agent in a separate 
 (lockstep mode, so trajectories must be identical: the report says whether they were). Latency is the time
 of one `env.step()` call: in-process it is the simulator step; over the bridge it adds encoding, two
 loopback hops, decoding and the agent's safety layer. The policy's time is not included (same in both).
+`obs_age_ms` is how old an observation is when step() hands it over (capture stamp to return; the agent
+and the client share the machine's monotonic clock, so it needs no clock offset).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def _wilson(k: int, n: int) -> list[float]:
     return [round(lo, 2), round(hi, 2)]
 
 
-def _run(env: Any, episodes: list[Any], steps: int) -> tuple[list[float], list[bool], list[np.ndarray], float, int]:
-    """Per-step latencies (ms), successes, the visited states, wall time of the step calls, step count."""
+def _run(env: Any, episodes: list[Any], steps: int
+         ) -> tuple[list[float], list[bool], list[np.ndarray], float, int, list[float]]:
+    """Per-step latencies (ms), successes, visited states, wall time of the step calls, step count, and the
+    age of each returned observation (ms from its capture stamp to the return of step())."""
     from vla_runtime.policies import make_policy
 
     policy = make_policy("scripted", env_name="dummy:reach")
@@ -44,6 +48,7 @@ def _run(env: Any, episodes: list[Any], steps: int) -> tuple[list[float], list[b
     succ: list[bool] = []
     states: list[np.ndarray] = []
     total = 0.0
+    ages: list[float] = []
     for ep in episodes:
         obs = env.reset(ep)
         policy.reset(obs.instruction)
@@ -54,6 +59,7 @@ def _run(env: Any, episodes: list[Any], steps: int) -> tuple[list[float], list[b
             t0 = time.perf_counter()
             r = env.step(a)
             dt = time.perf_counter() - t0
+            ages.append((time.monotonic() - r.obs.stamp) * 1e3)  # same machine: one monotonic clock
             total += dt
             lat.append(dt * 1e3)
             obs = r.obs
@@ -62,7 +68,7 @@ def _run(env: Any, episodes: list[Any], steps: int) -> tuple[list[float], list[b
             if r.done:
                 break
         succ.append(ok)
-    return lat, succ, states, total, len(lat)
+    return lat, succ, states, total, len(lat), ages
 
 
 def bench_bridge(episodes: int = 20, steps: int = 60, image_size: int = 128, out_dir: str | None = None,
@@ -76,7 +82,7 @@ def bench_bridge(episodes: int = 20, steps: int = 60, image_size: int = 128, out
         raise UserError("bench bridge needs --episodes >= 1 and --steps >= 1")
     local = DummyReachEnv(image_size=image_size)
     specs = local.episode_specs(seed, episodes)
-    lat0, succ0, states0, _, n0 = _run(local, specs, steps)  # baseline first: the agent's start-up would load the CPU
+    lat0, succ0, states0, _, n0, age0 = _run(local, specs, steps)  # baseline first: the agent's start-up would load the CPU
     endpoint = free_tcp_endpoint()
     agent = subprocess.Popen([sys.executable, "-m", "vla_runtime.bridges.agent", "--env", "dummy:reach", "--bind",
                               endpoint, "--lockstep", "--image-size", str(image_size), "--exact-image-size", "--quiet"],
@@ -84,7 +90,7 @@ def bench_bridge(episodes: int = 20, steps: int = 60, image_size: int = 128, out
     try:
         remote = RemoteEnv(endpoint, timeout_s=30.0, handshake_timeout_s=60.0)
         try:
-            lat1, succ1, states1, total1, n1 = _run(remote, [s for s in remote.episode_specs(seed, episodes)], steps)
+            lat1, succ1, states1, total1, n1, age1 = _run(remote, [s for s in remote.episode_specs(seed, episodes)], steps)
             stats = remote.client.stats
             msgs = sum(stats["rx"].values()) + sum(stats["tx"].values()) - stats["tx"]["hello"] - stats["rx"]["spec"]
         finally:
@@ -102,12 +108,13 @@ def bench_bridge(episodes: int = 20, steps: int = 60, image_size: int = 128, out
     methods = [
         {"name": "in_process", "success_pct": 100.0 * sum(succ0) / len(succ0), "success_ci95": _wilson(sum(succ0), len(succ0)),
          "latency_ms_p50": p0["p50"], "latency_ms_p95": p0["p95"], "latency_ms_p99": p0["p99"], "ratio_to_baseline": 1.0,
-         "steps": n0},
+         "steps": n0, "obs_age_ms_p50": _percentiles(age0)["p50"], "obs_age_ms_p99": _percentiles(age0)["p99"]},
         {"name": "bridge_lockstep", "success_pct": 100.0 * sum(succ1) / len(succ1),
          "success_ci95": _wilson(sum(succ1), len(succ1)), "latency_ms_p50": p1["p50"], "latency_ms_p95": p1["p95"],
          "latency_ms_p99": p1["p99"],
          "ratio_to_baseline": round(p0["p50"] / p1["p50"], 4) if p0["p50"] and p1["p50"] else None,
-         "steps": n1, "overhead_ms_p50": round(p1["p50"] - p0["p50"], 4) if p0["p50"] and p1["p50"] else None,
+         "steps": n1, "obs_age_ms_p50": _percentiles(age1)["p50"], "obs_age_ms_p99": _percentiles(age1)["p99"],
+         "overhead_ms_p50": round(p1["p50"] - p0["p50"], 4) if p0["p50"] and p1["p50"] else None,
          "messages": msgs, "messages_per_s": round(msgs / total1, 1) if total1 > 0 else None,
          "obs_payload_bytes": obs_bytes,
          "payload_mb_per_s": round(n1 * obs_bytes / total1 / 1e6, 2) if total1 > 0 else None,

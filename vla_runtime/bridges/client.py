@@ -86,6 +86,7 @@ class BridgeClient:
         self.spec_body: dict[str, Any] = {}
         self.robot: RobotSpec | None = None
         self.clock_offset = 0.0  # local monotonic - agent monotonic (s)
+        self.clock_rtt_s = 0.0  # round trip of the probe the offset came from (its error is at most half)
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self.connected = False
@@ -175,7 +176,23 @@ class BridgeClient:
             agent_mono = float(P.req_field(body, "agent_mono", (int, float), "spec"))
         except ProtocolError as e:
             raise BridgeError(e.code, f"bad spec from the agent: {e.reason}") from e
-        self.clock_offset = (t0 + t1) / 2 - agent_mono
+        # Clock offset from the round trip with the smallest RTT (NTP-style): the reply that ended the handshake
+        # may answer a hello that waited in the queue while the agent started, so it alone can be far off.
+        best = (t1 - t0, (t0 + t1) / 2 - agent_mono)
+        with self._lock:
+            for _ in range(3):
+                a = time.monotonic()
+                seq = self._send("hello", {"protocol": P.PROTOCOL_VERSION, "client": self.name})
+                try:
+                    r = self._wait_reply(seq, 1.0, expect=("spec",))
+                except BridgeError as e:
+                    log.info("clock probe failed: %s", e)
+                    break
+                b = time.monotonic()
+                m = r.body.get("agent_mono")
+                if isinstance(m, (int, float)) and not isinstance(m, bool) and b - a < best[0]:
+                    best = (b - a, (a + b) / 2 - float(m))
+        self.clock_rtt_s, self.clock_offset = best
         self.spec_body = body
         if self._heartbeat_override is None:  # realtime: 4 heartbeats per watchdog window; lockstep: no watchdog
             wd = body.get("safety", {}).get("watchdog_periods", 2.0) if isinstance(body.get("safety"), dict) else 2.0
