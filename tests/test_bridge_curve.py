@@ -72,7 +72,8 @@ def test_known_key_connects_unknown_key_and_plain_text_are_refused(tmp_path: Pat
         with pytest.raises(BridgeError):
             plain.connect()
         plain.close(bye=False)
-        assert agent.stats["rx"]["hello"] == 1  # only the authorised client's hello ever reached the agent
+        # only the authorised client's hellos (handshake + clock probes) ever reached the agent
+        assert agent.stats["rx"]["hello"] == good.stats["tx"]["hello"] >= 1
 
         # authorising a key is adding its file: no restart needed
         shutil.copy(other / "client.public", keys / "authorized_clients" / "other.public")
@@ -96,7 +97,7 @@ def test_remote_env_takes_keys_from_the_environment(tmp_path: Path, monkeypatch:
         env.close()
     finally:
         agent.stop()
-    assert agent.stats["rx"]["hello"] == 1
+    assert agent.stats["rx"]["hello"] == env.client.stats["tx"]["hello"] >= 1
 
 
 def test_binding_a_busy_port_is_a_clear_user_error() -> None:
