@@ -272,6 +272,8 @@ def test_remote_env_realtime_steps_and_async_chunks() -> None:
         agent.stop()
     executed = [c for c in list(agent.commands) if c.kind == "action"]
     assert executed and all(_intended_tick(c.action) == c.tick for c in executed)
+    summary = agent.summary()
+    assert 0 < summary["tick_interval_ms_p50"] <= summary["tick_interval_ms_p99"] <= summary["tick_interval_ms_max"]
 
 
 def test_realtime_episodes_through_the_runtime_loop() -> None:

@@ -339,12 +339,21 @@ class RobotAgent:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
+        timing: dict[str, Any] = {}
+        if not self.lockstep and len(self.commands) > 2:  # how evenly the control loop ticked
+            t = np.array([c.t for c in list(self.commands)[-10_000:]])
+            d = np.diff(t) * 1e3
+            d = d[d < 5 * self.period * 1e3]  # gaps between episodes are not jitter
+            if d.size:
+                timing = {"tick_interval_ms_p50": round(float(np.percentile(d, 50)), 3),
+                          "tick_interval_ms_p99": round(float(np.percentile(d, 99)), 3),
+                          "tick_interval_ms_max": round(float(d.max()), 3)}
         return {"robot": self.robot.name, "mode": "lockstep" if self.lockstep else "realtime",
                 "episodes": self._episodes, "tick": self._tick, "safety": self.safety.summary(),
                 "rx": dict(self.stats["rx"]), "dropped": dict(self.stats["dropped"]), "tx": dict(self.stats["tx"]),
                 "link": dict(self.stats["link"]),
                 "commands": len(self.commands), "overruns": self._overruns,
-                "curve_refused": self._allowed.refused if self._allowed else 0}
+                "curve_refused": self._allowed.refused if self._allowed else 0, **timing}
 
     # ------------------------------------------------------------------------------------- sending
     def _send(self, identity: bytes, kind: str, body: dict[str, Any] | None = None,
