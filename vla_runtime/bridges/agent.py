@@ -616,7 +616,8 @@ class RobotAgent:
 
 # ----------------------------------------------------------------------------------------------- entry point
 
-def make_driver(env: str, image_size: int = 128, exact_image_size: bool = False) -> SimDriver:
+def make_driver(env: str, image_size: int = 128, exact_image_size: bool = False,
+                cameras: tuple[str, ...] | None = None) -> SimDriver:
     """A SimDriver over make_env(env): the same env an in-process eval of `env` would build.
 
     `exact_image_size` lets dummy:reach render at `image_size` (make_env caps it at 64 px): for the bridge
@@ -625,19 +626,21 @@ def make_driver(env: str, image_size: int = 128, exact_image_size: bool = False)
     if env == "dummy:reach" and exact_image_size:
         from vla_runtime.envs.dummy import DummyReachEnv
 
-        return SimDriver(DummyReachEnv(image_size=image_size))
+        return SimDriver(DummyReachEnv(cameras=cameras, image_size=image_size))
     from vla_runtime.envs import make_env
 
-    return SimDriver(make_env(env, image_size=image_size))
+    return SimDriver(make_env(env, cameras=cameras, image_size=image_size))
 
 
 def run_robot_agent(env: str, bind: str = "tcp://127.0.0.1:5555", keys_dir: str | None = None,
                     lockstep: bool = False, max_action_age_ms: float = 500.0, *, image_size: int = 128,
                     max_delta_frac: float | None = 0.5, watchdog_periods: float = 2.0, takeover_s: float = 1.0,
-                    stop: threading.Event | None = None, quiet: bool = False, exact_image_size: bool = False
-                    ) -> dict[str, Any]:
+                    stop: threading.Event | None = None, quiet: bool = False, exact_image_size: bool = False,
+                    cameras: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Serve `env` (a simulator standing in for a robot) on `bind` until Ctrl-C (or `stop`); returns the summary.
 
+    The simulator is built like an in-process eval builds it (make_env with `cameras` and `image_size`):
+    the cameras and image size a remote policy gets are fixed here, on the robot side.
     Refuses a non-loopback bind without CurveZMQ keys (UserError).
     """
     from vla_runtime.errors import UserError
@@ -649,7 +652,7 @@ def run_robot_agent(env: str, bind: str = "tcp://127.0.0.1:5555", keys_dir: str 
                         "`vla-runtime keys --out DIR`) or bind tcp://127.0.0.1:PORT")
     safety = SafetyConfig(max_action_age_s=max_action_age_ms / 1e3, max_delta_frac=max_delta_frac,
                           watchdog_periods=watchdog_periods)
-    driver = make_driver(env, image_size, exact_image_size)
+    driver = make_driver(env, image_size, exact_image_size, cameras)
     agent = RobotAgent(driver, bind, lockstep=lockstep, safety=safety, keys_dir=keys_dir, takeover_s=takeover_s)
     if not quiet:
         print(f"robot agent: {env} on {bind} ({'lockstep' if lockstep else 'realtime'} mode, "
@@ -678,6 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lockstep", action="store_true")
     ap.add_argument("--max-action-age-ms", type=float, default=500.0)
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--cameras", default=None, help="comma-separated camera names (default: the env's)")
     ap.add_argument("--exact-image-size", action="store_true", help="dummy:reach: render at --image-size (> 64)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -688,7 +692,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _term)
     run_robot_agent(a.env, a.bind, a.keys_dir, a.lockstep, a.max_action_age_ms, image_size=a.image_size,
-                    quiet=a.quiet, exact_image_size=a.exact_image_size)
+                    quiet=a.quiet, exact_image_size=a.exact_image_size,
+                    cameras=tuple(a.cameras.split(",")) if a.cameras else None)
 
 
 if __name__ == "__main__":
