@@ -393,6 +393,31 @@ def test_policy_decision_with_the_triton_kernel_matches_torch(monkeypatch: pytes
     assert abs(scores["torch"] - scores["triton"]) < 1e-4
 
 
+def test_lean_cpu_path_equals_the_kernel_reference() -> None:
+    m = tiny_model()
+    cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0)
+    bank = const_bank(m, 0.3, cfg)
+    torch.manual_seed(4)
+    for p in bank.params.values():
+        p["w1"] = torch.randn_like(p["w1"])
+        p["w2"] = torch.randn_like(p["w2"])
+    cand = build_candidates(7, torch.randn(m.cfg.n_bins), cfg, m.cfg.n_bins)
+    hs = [torch.randn(1, 1, m.hidden) * 3 for _ in range(3)]
+    out = {}
+    for backend in (None, "torch"):
+        pol = EarlyExitPolicy(m, bank, EarlyExitConfig(**{**cfg.to_dict(), "backend": backend}))
+        pol._ensure_device(hs[0])
+        pol._set_candidates(cand)
+        out[backend] = []
+        for i, h in enumerate(hs):  # consecutive checks: the delta features use the previous check's probs
+            pol._should_exit(i, h)
+            out[backend].append((pol.last_score, pol._prev_probs.clone()))
+        pol.remove_hooks()
+    for (s_lean, p_lean), (s_ref, p_ref) in zip(out[None], out["torch"]):
+        assert abs(s_lean - s_ref) < 1e-5
+        torch.testing.assert_close(p_lean, p_ref)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 def test_bench_reports_layers_agreement_and_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from vla_runtime.envs import dummy

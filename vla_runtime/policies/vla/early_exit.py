@@ -79,7 +79,7 @@ class EarlyExitConfig:
     online: bool = True  # the online contextual schedule on/off (offline layers are always checked)
     kv_fill: str = "lazy"  # lazy (exact), copy (CALM-style, approximate), none (drop: tests only)
     tolerance: float = 0.05  # parallel mode: max |chunk_l - chunk_final| (normalised actions) counted correct
-    backend: str | None = None  # kernel backend override (auto: Triton on CUDA, torch reference on CPU)
+    backend: str | None = None  # None: kernel dispatch on CUDA (Triton), lean same-math path on CPU; or force one
 
     def __post_init__(self) -> None:
         self.context_offsets = tuple(int(o) for o in self.context_offsets)
@@ -420,7 +420,8 @@ class EarlyExitPolicy:
         self.model, self.bank, self.cfg = model, bank, cfg
         self.n_layers = model.n_layers
         self.mode = model.cfg.mode
-        self.available = set(bank.params)
+        # layers whose predictor can fire (training found no threshold reaching the target precision: 1.01)
+        self.available = {i for i in bank.params if cfg.threshold is not None or bank.thresholds.get(i, 0.5) <= 1.0}
         self.offline = set(bank.offline_layers) & self.available
         self.stats = ExitStats()
         self.record_chunks = record_chunks
@@ -609,14 +610,22 @@ class EarlyExitPolicy:
         self._cand = None
         self._cand_list = set()
         self._prev_probs = None
+        self._check = self._schedule(k)
+        if not self._check:  # nothing to check for this token: skip the candidates too
+            return
         if self.cfg.shallow_layer < 0 or self.cfg.n_shallow == 0:
             self._set_candidates(build_candidates(prev, None, self.cfg, cfg.n_bins))
-        self._check = set(self.offline)
+
+    def _schedule(self, k: int) -> set[int]:
+        """Layers checked for token k: the offline set plus the online contextual layers."""
+        A = self.model.cfg.action_dim
+        check = set(self.offline)
         if self.cfg.online and self.cfg.context_window > 0:
             recent = self._exits[-self.cfg.context_window:]
-            if k >= cfg.action_dim and k - cfg.action_dim < len(self._exits):
-                recent = recent + [self._exits[k - cfg.action_dim]]  # same dimension, previous action
-            self._check |= online_layers(recent, self.cfg.context_offsets, self.available)
+            if k >= A and k - A - 1 < len(self._exits) and k - A - 1 >= 0:
+                recent = recent + [self._exits[k - A - 1]]  # same dimension, previous action (exits[j]: token j+1)
+            check |= online_layers(recent, self.cfg.context_offsets, self.available)
+        return check
 
     def _set_candidates(self, cand: torch.Tensor | None) -> None:
         if cand is None:
@@ -625,6 +634,7 @@ class EarlyExitPolicy:
         assert self._device is not None
         self._cand = cand.to(self._device)[None]  # (1, C)
         self._cand_list = set(cand.tolist())
+        self._rows_t = (self._head_w[self._cand[0]].float() * self._norm_w.float()).t().contiguous()  # (D, C)
 
     def _after_layer_ar(self, i: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
         L = self.n_layers
@@ -643,7 +653,7 @@ class EarlyExitPolicy:
             self._record_exit(L)
             return False
         h = hidden[:, -1]  # (1, D)
-        if i == self.cfg.shallow_layer and self._cand is None and self.cfg.n_shallow > 0:
+        if i == self.cfg.shallow_layer and self._check and self._cand is None and self.cfg.n_shallow > 0:
             n = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self._norm_eps) * self._norm_w.float()
             self._set_candidates(build_candidates(self._prev_token, (n @ self._head_w.float().t())[0], self.cfg,
                                                   self.model.cfg.n_bins))
@@ -666,12 +676,15 @@ class EarlyExitPolicy:
         assert self._cand is not None
         h = hidden[:, -1]  # (1, D)
         p = self._params[i]
-        pred = exit_predictor(h, self._norm_w, self._norm_eps, self._head_w, self._cand, self._prev_probs,
-                              p["w1"], p["b1"], p["w2"], p["b2"], backend=self.cfg.backend,  # type: ignore[arg-type]
-                              check_indices=False)
-        self._prev_probs = pred.cand_probs
+        if self._use_dispatch(h):
+            pred = exit_predictor(h, self._norm_w, self._norm_eps, self._head_w, self._cand, self._prev_probs,
+                                  p["w1"], p["b1"], p["w2"], p["b2"], backend=self.cfg.backend,  # type: ignore[arg-type]
+                                  check_indices=False)
+            score, self._prev_probs = pred.score, pred.cand_probs
+        else:
+            score, self._prev_probs = self._lean_score(h, p)
         self.stats.checks += 1
-        self.last_score = float(pred.score[0])
+        self.last_score = float(score[0])
         if self.last_score < self.threshold(i):
             return False
         # not `self.model.head(...)`: that would fire the emitted-token hook
@@ -680,6 +693,26 @@ class EarlyExitPolicy:
             self.stats.rejected_by_argmax += 1
             return False
         return True
+
+    def _use_dispatch(self, h: torch.Tensor) -> bool:
+        """The kernel dispatch (Triton on CUDA / under TRITON_INTERPRET, or when a backend is forced); on a plain
+        CPU run the lean path below computes the same features without the reference's per-call validation."""
+        from vla_runtime.kernels.dispatch import interpret_requested
+
+        return self.cfg.backend is not None or h.is_cuda or interpret_requested()
+
+    def _lean_score(self, h: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same math as `exit_predictor_torch` (RMSNorm in float32, C head rows, softmax, [l | p | p - prev], MLP)
+        with the norm weight folded into the C candidate rows once per token: ~10 small ops instead of ~30 plus
+        checks, which matters on CPU where a predictor call competes with a whole layer's op overhead."""
+        x = h.float()  # (1, D)
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._norm_eps)
+        logits = (x @ self._rows_t) * r  # (1, C)
+        probs = torch.softmax(logits, -1)
+        prev = self._prev_probs if self._prev_probs is not None else torch.zeros_like(probs)
+        feats = torch.cat([logits, probs, probs - prev], -1)  # (1, 3C)
+        z = torch.relu(torch.addmm(p["b1"], feats, p["w1"]))
+        return torch.sigmoid(z @ p["w2"][:, 0] + p["b2"]), probs
 
     def _record_exit(self, n_run: int) -> None:
         self._exits.append(n_run)

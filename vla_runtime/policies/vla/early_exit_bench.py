@@ -180,3 +180,104 @@ def format_earlyexit(report: dict[str, Any]) -> str:
                      f"{ratio(r)}"
                      + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else ""))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open-loop replay on held-out demo frames (latency + agreement on identical inputs, no simulator)
+# ---------------------------------------------------------------------------------------------------------------
+def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 40, seed: int = 1,
+                     options: dict[str, Any] | None = None, with_specprune: bool = False,
+                     out: Path | None = None) -> dict[str, Any]:
+    """Full depth vs early exit on the same demo observations (frames every n_action_steps, episodes the
+    predictors were not trained on), interleaved per frame, in one process.
+
+    Reports per method: latency p50/p95 (policy.act), ratio to full, mean layers, token agreement (teacher-forced
+    shadow, as in the bench) and `same_chunk_tokens_pct`: tokens identical to the full-depth chunk on the same
+    frame (stricter: includes how one early-exit error changes the rest of the chunk).
+    """
+    import time
+
+    from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.vla.early_exit_train import _demo_observations
+    from vla_runtime.policies.vla.policy import load_vla_policy
+    from vla_runtime.runtime.evaluate import machine_info
+    from vla_runtime.runtime.metrics import percentiles
+
+    ck = resolve_checkpoint(checkpoint)
+    pred_dir = ck / PREDICTOR_DIR
+    meta = json.loads((pred_dir / "predictors.json").read_text()) if (pred_dir / "predictors.json").is_file() else {}
+    trained_on = set(meta.get("train", {}).get("demo_files", []))
+    arms: list[tuple[str, tuple[str, ...]]] = [("full", ()), ("earlyexit", ("earlyexit",))]
+    if with_specprune:
+        arms += [("specprune", ("specprune",)), ("specprune+earlyexit", ("specprune", "earlyexit"))]
+    pols = {name: load_vla_policy(ck, accel=acc, accel_options={"earlyexit": {"record_chunks": True,
+                                                                            **(options or {})}})
+            for name, acc in arms}
+    cfg = pols["full"].cfg
+    episodes = _demo_observations(list(data_dirs), tuple(cfg.cameras), cfg.n_action_steps, max_chunks, 40, seed,
+                                  exclude=trained_on)
+    ms: dict[str, list[float]] = {n: [] for n in pols}
+    same: dict[str, list[float]] = {n: [] for n in pols}
+    for obs_list in episodes:
+        for p in pols.values():
+            p.reset(obs_list[0].instruction)
+        for obs in obs_list:
+            acts = {}
+            for name, p in pols.items():
+                t0 = time.perf_counter()
+                acts[name] = p.act(obs).actions
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+            for name in pols:
+                ref = acts["specprune"] if name == "specprune+earlyexit" else acts["full"]
+                same[name].append(float(np.mean(np.isclose(acts[name], ref, atol=1e-6))))
+    base = percentiles(ms["full"])["p50"]
+    rows = []
+    for name, p in pols.items():
+        pc = percentiles(ms[name])
+        ep = p.exit_policy if isinstance(p.exit_policy, EarlyExitPolicy) else None
+        row = {"name": name, "latency_ms_p50": pc["p50"], "latency_ms_p95": pc["p95"],
+               "ratio_to_baseline": round(base / pc["p50"], 3) if pc["p50"] else None,
+               "same_chunk_tokens_pct": round(100.0 * float(np.mean(same[name])), 2),
+               **summarize(ep, p.model.n_layers)}
+        rows.append(row)
+    report = {"bench": "earlyexit-replay", "checkpoint": str(ck), "data": [str(d) for d in data_dirs],
+              "chunks": len(ms["full"]), "episodes": len(episodes), "held_out": bool(trained_on),
+              "machine": machine_info(), "baseline": "full", "methods": rows}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"replay {ck.name}: {report['chunks']} chunks from {report['episodes']} held-out demo episodes")
+    for r in rows:
+        print(f"  {r['name']:22s} layers {r.get('layers_mean')}  agree {r.get('token_agreement_pct')}%  same-chunk "
+              f"{r['same_chunk_tokens_pct']}%  p50 {r['latency_ms_p50']:.1f} ms  p95 {r['latency_ms_p95']:.1f} ms  "
+              f"ratio {r['ratio_to_baseline']}x")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m vla_runtime.policies.vla.early_exit_bench CKPT DEMO_DIR [--chunks N] [--specprune] [--out DIR]
+    [--threshold T]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="open-loop early-exit replay on held-out demo frames")
+    ap.add_argument("checkpoint")
+    ap.add_argument("data", nargs="+", type=Path)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--specprune", action="store_true")
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--kv-fill", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    opts: dict[str, Any] = {}
+    if a.threshold is not None:
+        opts["threshold"] = a.threshold
+    if a.kv_fill:
+        opts["kv_fill"] = a.kv_fill
+    replay_earlyexit(a.checkpoint, a.data, a.chunks, a.seed, opts, a.specprune, a.out)
+
+
+if __name__ == "__main__":
+    main()

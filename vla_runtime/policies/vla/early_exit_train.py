@@ -59,12 +59,14 @@ class HiddenRecorder:
 
 
 def _demo_observations(data_dirs: list[Path], cameras: tuple[str, ...], stride: int, max_chunks: int,
-                       max_per_episode: int, seed: int) -> list[list[Any]]:
-    """Episodes as lists of Observations every `stride` steps (bounded), demo files shuffled by `seed`."""
+                       max_per_episode: int, seed: int, exclude: set[str] | None = None,
+                       used: list[str] | None = None) -> list[list[Any]]:
+    """Episodes as lists of Observations every `stride` steps (bounded), demo files shuffled by `seed`;
+    files named in `exclude` are skipped, the files read are appended to `used`."""
     from vla_runtime.runtime.types import Observation
     from vla_runtime.train.demos import list_demos, read_demo
 
-    files = [f for d in data_dirs for f in list_demos(d)]
+    files = [f for d in data_dirs for f in list_demos(d) if f.name not in (exclude or set())]
     rng = np.random.default_rng(seed)
     rng.shuffle(files)  # type: ignore[arg-type]
     episodes: list[list[Any]] = []
@@ -72,6 +74,8 @@ def _demo_observations(data_dirs: list[Path], cameras: tuple[str, ...], stride: 
     for f in files:
         if total >= max_chunks:
             break
+        if used is not None:
+            used.append(f.name)
         demo = read_demo(f, cameras=list(cameras))
         obs = []
         for t in range(0, len(demo), stride)[:max_per_episode]:
@@ -340,8 +344,9 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
                         f"({model.n_layers - 1})")
     if target_precision is None:
         target_precision = 0.99 if mode == "ar" else 0.95
+    used: list[str] = []
     episodes = _demo_observations(list(data_dirs), tuple(model.cfg.cameras), model.cfg.n_action_steps, max_chunks,
-                                  max_per_episode, seed)
+                                  max_per_episode, seed, used=used)
     chunks = collect_chunks(policy, episodes)
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -353,7 +358,7 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     bank.meta["train"].update({"checkpoint": str(ck), "data": [str(d) for d in data_dirs], "chunks": len(chunks),
                                "episodes": len(episodes), "dtype": dtype, "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
-                               "tokens": samples.get("n_tokens")})
+                               "tokens": samples.get("n_tokens"), "demo_files": used})
     bank.save(out)
     summary = {"out": str(out), "mode": mode, "layers": sorted(bank.params), "offline_layers": bank.offline_layers,
                "thresholds": bank.thresholds, "earliest_correct_hist": bank.meta["train"]["earliest_correct_hist"],
