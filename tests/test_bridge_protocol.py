@@ -171,3 +171,26 @@ def test_robot_side_imports_no_model_code() -> None:
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.lists(st.floats(-10, 10, width=32), min_size=4, max_size=4)),
+                min_size=1, max_size=30),
+       st.floats(0.05, 1.0))
+def test_safety_filter_invariants(seq: list[list[float] | None], frac: float) -> None:
+    """Whatever is commanded: outputs stay within limits, and rate-limited dims move at most frac x range per
+    tick from the previous output. A hold is immediate (zero delta = stop), never rate limited."""
+    low = np.array([-1, -2, 0, -1], np.float32)
+    high = np.array([1, 2, 1, 1], np.float32)
+    f = SafetyFilter(low, high, np.zeros(4, np.float32), SafetyConfig(max_delta_frac=frac))
+    prev = np.zeros(4, np.float32)
+    step = (high - low) * np.float32(frac)
+    for cmd in seq:
+        if cmd is None:
+            prev = f.held()
+            assert not prev.any()
+            continue
+        out = f.filter(np.array(cmd, np.float32))
+        assert np.all(out >= low) and np.all(out <= high)
+        assert np.all(np.abs(out[:3] - prev[:3]) <= step[:3] + 1e-6)  # gripper (last dim) exempt
+        prev = out
