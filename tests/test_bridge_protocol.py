@@ -139,7 +139,7 @@ json_like = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 -
                          max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["v", "kind", "seq", "t_mono", "t_wall", "arrays", "body", "x"]), json_like),
        st.lists(st.binary(max_size=64), max_size=3))
 def test_random_headers_only_ever_raise_protocol_error(h: dict, data: list[bytes]) -> None:
@@ -173,7 +173,7 @@ def test_robot_side_imports_no_model_code() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.lists(st.floats(-10, 10, width=32), min_size=4, max_size=4)),
                 min_size=1, max_size=30),
        st.floats(0.05, 1.0))
