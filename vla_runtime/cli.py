@@ -203,6 +203,8 @@ def robot(
     keys: Path | None = None,
     lockstep: bool = False,
     max_action_age_ms: float = 500.0,
+    image_size: int = 128,
+    watchdog_periods: float = 2.0,
 ) -> None:
     """Start a robot agent backed by a simulator env; the runtime connects with --env remote:<bind address>.
 
@@ -212,11 +214,13 @@ def robot(
         keys: directory with CurveZMQ keys from `vla-runtime keys`.
         lockstep: advance the simulator one tick per received action (bit-identical to in-process eval).
         max_action_age_ms: actions older than this are dropped as stale.
+        image_size: camera resolution the agent publishes.
+        watchdog_periods: hold when no fresh action arrived for this many control periods.
     """
     from vla_runtime.bridges.agent import run_robot_agent
 
     run_robot_agent(env=env, bind=bind, keys_dir=str(keys) if keys else None, lockstep=lockstep,
-                    max_action_age_ms=max_action_age_ms)
+                    max_action_age_ms=max_action_age_ms, image_size=image_size, watchdog_periods=watchdog_periods)
 
 
 def keys(out: Path) -> None:

@@ -239,6 +239,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
     switches = dropped = replans = 0
     on_action = getattr(policy, "on_action", None)
+    paces_itself = bool(getattr(env, "paces_itself", False))  # a real-time robot agent blocks until its tick
 
     wall0 = time.perf_counter()
     obs = env.reset(episode)
@@ -307,7 +308,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                 obs_tick, _ = awaiting_reaction.pop(0)
                 reaction_ms.append((step - obs_tick + 1) * period_s * 1e3)
             sleep_ms = 0.0
-            if cfg.clock == "wall":
+            if cfg.clock == "wall" and not paces_itself:
                 delay = t_start + (step + 1) * period_s - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
