@@ -759,8 +759,8 @@ class EarlyExitPolicy:
 
     def _end_parallel(self, n_run: int, ctx: StepContext) -> None:
         self.stats.exit_layers.append(n_run)
-        ex = list(ctx.memory.get(MEM_PREV_EXITS, []))[-max(self.cfg.context_window, 1) + 1:] + [n_run]
-        ctx.memory[MEM_PREV_EXITS] = ex
+        ex = list(ctx.memory.get(MEM_PREV_EXITS, [])) + [n_run]
+        ctx.memory[MEM_PREV_EXITS] = ex[-max(self.cfg.context_window, 1):]
 
 
 # ---------------------------------------------------------------------------------------------------------------
