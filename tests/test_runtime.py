@@ -184,3 +184,19 @@ def test_policy_can_request_a_replan(env):
     # each chunk is cut after its 3rd action: inferences at steps 0, 3, 6, 9
     assert [o.step for o in pol.calls] == [0, 3, 6, 9]
     assert r.replans == 4
+
+
+def test_wall_clock_holds_while_a_slow_policy_thinks(env):
+    import time as _time
+
+    class Slow(ChunkPolicy):
+        def act(self, obs):
+            _time.sleep(0.12)  # > 2 control periods at 20 Hz
+            return super().act(obs)
+
+    pol = Slow(chunk=4, n_exec=4)
+    r = run_episode(env, pol, spec0(env), LoopConfig(clock="wall", max_steps=12))
+    assert r.steps == 12
+    # every inference leaves at least 2 ticks without an action; the robot held on them
+    assert r.deadline_misses >= 2 * (len(r.inference_ms) - 1)
+    assert all(t.action_ready or t.queue_depth == 0 for t in r.ticks)

@@ -41,6 +41,7 @@ Mode = Literal["sync", "async"]
 
 # OSC_POSE delta: metres / radians per unit action (robosuite & LIBERO defaults), for future-state roll-forward.
 DEFAULT_DELTA_SCALE = (0.05, 0.05, 0.05, 0.5, 0.5, 0.5)
+WALL_MARGIN_S = 0.002  # wall clock: leave this much of a period to hand the action over
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,13 @@ class _Inference:
             return chunk, self._ms, self._start_tick, self._lead
         return None
 
+    def wait_until(self, deadline: float) -> None:
+        """Wall clock: block until the in-flight inference is done or `deadline` (perf_counter seconds)."""
+        if self._future is not None:
+            from concurrent.futures import wait
+
+            wait([self._future], timeout=max(0.0, deadline - time.perf_counter()))
+
     def expected_latency_ticks(self) -> int:
         r = self.recent_latency_ticks[-5:]
         return int(np.max(r)) if r else 0
@@ -244,7 +252,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     wall0 = time.perf_counter()
     obs = env.reset(episode)
     policy.reset(obs.instruction)
-    t_start = time.perf_counter()
+    t_start = t_obs = time.perf_counter()
     success = False
     step = 0
     try:
@@ -292,6 +300,9 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                         pend = queue.pending(step)[:lead]
                         o = dataclasses.replace(obs, state=roll_state_forward(obs.state, pend, cfg.delta_scale))
                 infer.start(o, step, lead)
+                if cfg.clock == "wall" and cfg.mode == "sync":
+                    # the observation arrived at the start of this period; its action is due at the end of it
+                    infer.wait_until(t_obs + period_s - WALL_MARGIN_S)
                 _collect()
                 inf_wall = (time.perf_counter() - t_inf) * 1e3 if cfg.clock != "wall" else 0.0
 
@@ -315,7 +326,8 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                     sleep_ms = delay * 1e3
             t_env = time.perf_counter()
             res = env.step(action)
-            env_ms = (time.perf_counter() - t_env) * 1e3
+            t_obs = time.perf_counter()
+            env_ms = (t_obs - t_env) * 1e3
             obs = res.obs
             step += 1
             tick_ms = (time.perf_counter() - t_tick) * 1e3
