@@ -25,7 +25,7 @@ from vla_runtime.errors import UserError
 from vla_runtime.runtime.types import Observation
 
 # Episode limits: 2.4-4x the scripted expert's longest successful episode over seeds 1000-1049 (Lift 50,
-# Stack 105, PickPlaceCan 165 steps; docs/EXPERTS_ROBOSUITE.md), so a learned policy that hesitates or
+# Stack 110, PickPlaceCan 165 steps; docs/EXPERTS_ROBOSUITE.md), so a learned policy that hesitates or
 # regrasps once still has time, while a stuck one does not burn minutes of rendering per episode.
 TASKS: dict[str, TaskInfo] = {
     "Lift": TaskInfo("Lift", "lift the red cube", 200),
