@@ -217,6 +217,9 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     train_rows, val_rows = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "loss_log.jsonl"
+    if resuming and log_path.is_file():  # steps after the last checkpoint are redone: drop their old records
+        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
     n_params = count_params(model)
     info = {"params_m": round(n_params / 1e6, 3), "frames": len(data), "train_frames": len(train_rows),
             "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}
