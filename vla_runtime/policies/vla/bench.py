@@ -85,11 +85,12 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
     policy.reset(obs.instruction)
     rows: list[dict[str, Any]] = []
     for i in range(warmup + steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         chunk = policy.act(obs)
         total = (time.perf_counter() - t) * 1e3
+        cpu = (time.process_time() - c) * 1e3  # CPU time: what wall time would be on an idle machine (1 thread)
         if i >= warmup:
-            rows.append({**chunk.info, "total_ms": total})
+            rows.append({**chunk.info, "total_ms": total, "cpu_ms": cpu})
         r = env.step(chunk.actions[0])
         obs = r.obs if not r.done else env.reset(EpisodeSpec("dummy:reach", "reach", i, seed + i + 1))
     out: dict[str, Any] = {}
@@ -98,6 +99,7 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
         out[f"{k[:-3]}_ms_p50"] = round(float(np.percentile(v, 50)), 3)
         out[f"{k[:-3]}_ms_p95"] = round(float(np.percentile(v, 95)), 3)
     out["latency_ms_p50"], out["latency_ms_p95"] = out["total_ms_p50"], out["total_ms_p95"]
+    out["cpu_ms_p50"] = round(float(np.percentile([r["cpu_ms"] for r in rows], 50)), 3)
     out["tokens_per_layer"] = rows[-1]["tokens_per_layer"]
     out["visual_tokens_per_layer"] = rows[-1]["visual_tokens_per_layer"]
     out["exit_layer_mean"] = round(float(np.mean([r["exit_layer"] for r in rows])), 3)
@@ -171,11 +173,11 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [f"VLA bench ({res['model']['mode']}, {res['model']['visual_tokens']} visual / {res['model']['seq_len']} "
              f"tokens, peak {res['machine']['matmul_peak_gflops']} GFLOP/s {res['machine']['dtype']})",
              f"{'method':<22}{'p50 ms':>9}{'vision':>8}{'decoder':>9}{'head':>7}{'GFLOP':>8}{'GFLOP/s':>9}"
-             f"{'%peak':>7}{'x':>7}"]
+             f"{'%peak':>7}{'x':>7}{'cpu ms':>8}"]
     for m in res["methods"]:
         lines.append(f"{m['name']:<22}{m['latency_ms_p50']:>9.1f}{m['vision_ms_p50']:>8.1f}{m['decoder_ms_p50']:>9.1f}"
                      f"{m['head_ms_p50']:>7.1f}{m['gflops_per_step']:>8.2f}{m['achieved_gflops_per_s']:>9.1f}"
-                     f"{100 * m['fraction_of_peak']:>7.1f}{m['ratio_to_baseline']:>7.2f}")
+                     f"{100 * m['fraction_of_peak']:>7.1f}{m['ratio_to_baseline']:>7.2f}{m['cpu_ms_p50']:>8.1f}")
     return "\n".join(lines)
 
 
