@@ -359,7 +359,10 @@ class VLAModel(nn.Module):
             if pe is None:
                 pe = dec.rotary_emb(h, position_ids=positions)
             meta = cache.key_meta(i) if cache is not None else None
-            if meta is not None:  # keys = cached + new, mask per layer (layers may hold different token sets)
+            layer_mask: torch.Tensor | None
+            if meta is not None and h.shape[1] == 1 and bool(meta[2].all()) and bool(valid.all()):
+                layer_mask = None  # one new token after valid cached keys (all earlier positions): sees them all
+            elif meta is not None:  # keys = cached + new, mask per layer (layers may hold different token sets)
                 kp, kk, kv = meta
                 layer_mask = build_attention_mask(positions, kinds, torch.cat([kp, positions], 1),
                                                   torch.cat([kk, kinds], 1), torch.cat([kv, valid], 1),
@@ -382,7 +385,7 @@ class VLAModel(nn.Module):
             h = dec.norm(h)
         return h, ctx
 
-    def _run_layer(self, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+    def _run_layer(self, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, pe: tuple[torch.Tensor, torch.Tensor],
                    positions: torch.Tensor, cache: LayerKVCache | None, capture: bool, ctx: StepContext, i: int
                    ) -> torch.Tensor:
         kw: dict[str, Any] = dict(attention_mask=mask, position_embeddings=pe, position_ids=positions)
