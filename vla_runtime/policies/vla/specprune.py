@@ -380,9 +380,10 @@ class SpecPrunePruner:
         B, C = imgs.shape[:2]
         if C != self.n_cam:
             raise ValueError(f"SpecPrune: {C} cameras in the images, the model has {self.n_cam}")
-        # raw-pixel-like, non-negative values as in the paper ([-1, 1] -> [0, 2]); (B*C, H, W, 3)
-        x = (imgs.detach().float() + 1.0).flatten(0, 1).permute(0, 2, 3, 1)
-        cur = image_patches(x.contiguous(), self.patch)  # (B*C, P, p*p*3)
+        # raw-pixel-like, non-negative values as in the paper ([-1, 1] -> [0, 2]), in the frames' dtype (the
+        # kernel accumulates in float32); (B*C, H, W, 3) view -> one copy into patches
+        x = (imgs.detach().flatten(0, 1) + 1.0).permute(0, 2, 3, 1)
+        cur = image_patches(x, self.patch)  # (B*C, P, p*p*3)
         if cur.shape[1] != self.P:
             raise ValueError(f"SpecPrune: {cur.shape[1]} patches per camera, the model has {self.P}")
         executed = st["executed"]
