@@ -380,7 +380,9 @@ class LiberoEnv(Env):
         object to move) and `container` (basket / plate), `objects` (tracked names), per object
         `{name}_pos`, `{name}_quat` (body origin; origins are not centres), `{name}_aabb` ((2, 3) world
         collision AABB lo/hi) and the oriented collision box `{name}_obb_center` (world), `{name}_obb_half`
-        (half sizes along the body axes) and `{name}_obb_rot` ((3, 3) body axes in world), `goal_pos` (goal region site or goal body origin), `goal_half_size` (site
+        (half sizes along the body axes) and `{name}_obb_rot` ((3, 3) body axes in world),
+        `collision_boxes` ((G, 15): every collision geom of those bodies as centre, half sizes, rotation) with
+        `collision_owner` ((G,) index into `objects`), `goal_pos` (goal region site or goal body origin), `goal_half_size` (site
         region half sizes, zeros for a body), `eef_pos`, `eef_quat`, `gripper_qpos`, `robot_base_pos`.
         """
         ts = self._sim
@@ -409,6 +411,13 @@ class LiberoEnv(Env):
             p[f"{name}_obb_rot"] = rot  # (3, 3) body frame -> world
             p[f"{name}_obb_center"] = d.xpos[bid] + rot @ ts.obb_center[k]  # (3,) world
             p[f"{name}_obb_half"] = ts.obb_half[k].copy()  # (3,) half sizes along the body axes
+        # every collision geom of the tracked bodies as an oriented box: centre (3), half sizes (3), rotation (9)
+        g = ts.geom_ids
+        rot_g = d.geom_xmat[g].reshape(-1, 3, 3)  # (G, 3, 3)
+        centre_g = d.geom_xpos[g] + np.einsum("gij,gj->gi", rot_g, sim.model._model.geom_aabb[g, :3])
+        p["collision_boxes"] = np.concatenate([centre_g, sim.model._model.geom_aabb[g, 3:],
+                                               rot_g.reshape(-1, 9)], axis=1)  # (G, 15)
+        p["collision_owner"] = ts.geom_owner.copy()  # (G,) index into `objects`
         if ts.goal_site_id >= 0:
             sid = ts.goal_site_id
             p["goal_pos"] = d.site_xpos[sid].copy()

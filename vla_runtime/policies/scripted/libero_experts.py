@@ -36,7 +36,13 @@ PALM_HALF_ACROSS_M = 0.035
 PALM_ABOVE_M = 0.023  # palm collision bottom above the grasp point
 FINGER_HALF_ALONG_M = 0.07  # outer faces of the open fingers
 FINGER_HALF_ACROSS_M = 0.012
-MAX_GRASP_WIDTH_M = 0.07  # object extent along the closing axis that the open gripper still clears
+MAX_GRASP_WIDTH_M = 0.07
+RIM_INSET_M = 0.008  # bowl rim mid-wall inside the outer radius
+RIM_GRASP_DEPTH_M = 0.015  # rim grasp below the bowl's top
+PRESHAPE_STEPS = 4  # +1 gripper steps before a rim grasp descends: ~4.2 cm opening, fits beside drawer walls
+PRESHAPE_HALF_OPEN_M = 0.021
+SHOULDER_HEIGHT_M = 0.333  # Panda shoulder (joint 2) above the robot base
+REACH_COMFORT_M = 0.68  # shoulder-to-grasp-point distance the arm reaches with the gripper pointing down  # object extent along the closing axis that the open gripper still clears
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -109,6 +115,30 @@ def footprint_clearance(p: dict[str, Any], exclude: str, centre_xy: np.ndarray, 
     return best
 
 
+def gripper_clearance(boxes: np.ndarray, grasp: np.ndarray, close_ax: np.ndarray, half_open: float) -> float:
+    """Smallest 3D distance from the (vertical) gripper at `grasp` to the oriented boxes (G, 15); 0 = collision.
+
+    Sample points: both fingers (opened to `half_open`) from the fingertips to the palm, and the palm.
+    """
+    across = np.array([-close_ax[1], close_ax[0], 0.0])
+    along = np.array([close_ax[0], close_ax[1], 0.0])
+    pts = []
+    for side in (-1.0, 1.0):
+        for a in (half_open + 0.002, half_open + 0.012):
+            for b in (-FINGER_HALF_ACROSS_M, 0.0, FINGER_HALF_ACROSS_M):
+                for dz in (-FINGERTIP_BELOW_M, 0.0, 0.015, 0.03):
+                    pts.append(grasp + side * a * along + b * across + dz * np.array([0.0, 0.0, 1.0]))
+    for a in np.linspace(-PALM_HALF_ALONG_M, PALM_HALF_ALONG_M, 9):
+        for b in (-PALM_HALF_ACROSS_M, 0.0, PALM_HALF_ACROSS_M):
+            for dz in (PALM_ABOVE_M, PALM_ABOVE_M + 0.03):
+                pts.append(grasp + a * along + b * across + dz * np.array([0.0, 0.0, 1.0]))
+    q = np.array(pts)  # (P, 3)
+    c, h, r = boxes[:, :3], boxes[:, 3:6], boxes[:, 6:].reshape(-1, 3, 3)  # (G, 3) (G, 3) (G, 3, 3)
+    local = np.einsum("gji,gpj->gpi", r, q[None] - c[:, None])  # (G, P, 3): points in each box frame
+    out = np.maximum(np.abs(local) - h[:, None], 0.0)
+    return float(np.sqrt((out ** 2).sum(-1)).min()) if len(boxes) else np.inf
+
+
 def horizontal_box(p: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """Oriented collision box of `name` reduced to the horizontal plane.
 
@@ -139,13 +169,17 @@ class PickPlaceExpert:
         self.timer = 0
         self.grasp: dict[str, Any] | None = None  # grasp point, yaw, object offset, chosen at approach
         self.attempts = 0
+        self.tried: list[float] = []  # rim angles already tried (Spatial)
         self.lift_ref = 0.0  # object bottom z when the lift started
         self.obj_below = 0.0  # grasp point height above the object's bottom, measured after the lift
+        self.best_err, self.best_t = np.inf, 0  # progress tracking within a phase
+        self.prev_z = 0.0  # eef height at the previous step (stall detection while lowering)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _set(self, phase: str) -> None:
         self.phase = phase
         self.timer = 0
+        self.best_err, self.best_t = np.inf, 0
 
     @staticmethod
     def _move(eef: np.ndarray, target: np.ndarray, speed: float = 1.0, gain: float = 1.0) -> np.ndarray:
@@ -162,10 +196,31 @@ class PickPlaceExpert:
         aa = mat_to_axisangle(r_err)
         return np.clip(aa / ROT_UNIT_RAD * 1.0, -1.0, 1.0), float(np.linalg.norm(aa))
 
-    def _obstacle_top(self, p: dict[str, Any], exclude: tuple[str, ...]) -> float:
-        """Highest collision point of every tracked object/fixture except `exclude` (for carrying heights)."""
-        tops = [float(p[f"{n}_aabb"][1, 2]) for n in p["objects"] if str(n) not in exclude]
-        return max(tops) if tops else 0.0
+    @staticmethod
+    def _obstacle_top(p: dict[str, Any], exclude: str, a_xy: np.ndarray, b_xy: np.ndarray,
+                      margin: float = 0.08) -> float:
+        """Highest collision point of the bodies (except `exclude`) within `margin` of the segment a -> b.
+
+        The carried object must clear these; bodies far from the carrying path do not raise it.
+        """
+        top = 0.0
+        seg = b_xy - a_xy
+        L2 = float(seg @ seg)
+        for n in p["objects"]:
+            n = str(n)
+            if n == exclude:
+                continue
+            lo, hi = p[f"{n}_aabb"]
+            # distance from the segment to the box: sample the segment (cheap, boxes are few)
+            d = np.inf
+            for t in np.linspace(0.0, 1.0, 11 if L2 > 0 else 1):
+                q = a_xy + t * seg
+                dx = max(lo[0] - q[0], 0.0, q[0] - hi[0])
+                dy = max(lo[1] - q[1], 0.0, q[1] - hi[1])
+                d = min(d, float(np.hypot(dx, dy)))
+            if d < margin:
+                top = max(top, float(hi[2]))
+        return top
 
     # ------------------------------------------------------------------------------------------ strategies
     def _plan_grasp(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -191,36 +246,44 @@ class PickPlaceExpert:
         return {"xy": centre[:2].copy(), "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN}
 
     def _plan_rim_grasp(self, p: dict[str, Any], obj: str) -> dict[str, Any]:
+        """Rim point and closing direction (radial) with the most clearance for the pre-shaped gripper.
+
+        Clearance is the 3D distance from sample points on the fingers and palm to every other collision
+        geom (oriented boxes: drawer walls, cabinet panels, neighbours), so a bowl inside an open drawer is
+        grasped where the drawer leaves room for the outer finger.
+        """
         lo, hi = p[f"{obj}_aabb"]
         centre = (lo + hi) / 2
         radius = float(min(hi[0] - lo[0], hi[1] - lo[1]) / 2)
-        rim_r = radius - 0.008  # mid-wall of the bowl's rim
-        z = float(hi[2] - 0.015)
-        # candidate rim points; score = clearance of the gripper footprint from every other body's AABB that
-        # reaches above the grasp height, plus a mild preference for the side facing the robot (-x)
+        rim_r = radius - RIM_INSET_M
+        z = float(hi[2] - RIM_GRASP_DEPTH_M)
+        shoulder = p["robot_base_pos"] + np.array([0.0, 0.0, SHOULDER_HEIGHT_M])
+        plate_xy = p[f"{p['container']}_pos"][:2]
+        objects = [str(n) for n in p["objects"]]
+        boxes = p["collision_boxes"][p["collision_owner"] != objects.index(obj)]  # (G, 15)
         best, best_score = None, -np.inf
-        others = [str(n) for n in p["objects"] if str(n) != obj]
         for ang in np.linspace(-np.pi, np.pi, 24, endpoint=False):
+            # after a failed grasp, try another side of the rim
+            if any(abs((ang - t + np.pi) % (2 * np.pi) - np.pi) < np.deg2rad(40) for t in self.tried):
+                continue
             u = np.array([np.cos(ang), np.sin(ang)])
             g = centre[:2] + u * rim_r
-            # the fingers sit at g +- u * half-opening; the hand is ~2.5 cm thick across
-            pts = [g + u * GRIPPER_HALF_OPEN_M, g - u * GRIPPER_HALF_OPEN_M, g]
-            clearance = np.inf
-            for n in others:
-                olo, ohi = p[f"{n}_aabb"]
-                if ohi[2] < z - FINGERTIP_BELOW_M + 0.005:
-                    continue  # entirely below the fingertips
-                for q in pts:
-                    dx = max(olo[0] - q[0], 0.0, q[0] - ohi[0])
-                    dy = max(olo[1] - q[1], 0.0, q[1] - ohi[1])
-                    clearance = min(clearance, float(np.hypot(dx, dy)))
-            score = min(clearance, 0.06) + 0.01 * (-u[0])
+            clearance = gripper_clearance(boxes, np.array([g[0], g[1], z]), u, PRESHAPE_HALF_OPEN_M)
+            # the eef carries this rim point over the plate: both there and here it must stay within reach
+            place = np.array([plate_xy[0] + u[0] * rim_r, plate_xy[1] + u[1] * rim_r, z])
+            reach = max(np.linalg.norm(np.array([g[0], g[1], z]) - shoulder), np.linalg.norm(place - shoulder))
+            # prefer small gripper yaws: a near-90-degree yaw far to the side runs into the wrist's joint limits
+            score = (min(clearance, 0.03) - 0.01 * abs(yaw_for_closing_axis(u))
+                     - 0.3 * max(0.0, reach - REACH_COMFORT_M))
             if score > best_score:
-                best, best_score = (g, u), score
-        assert best is not None
-        g, u = best
+                best, best_score = (g, u, ang), score
+        if best is None:  # every side tried: start over
+            self.tried.clear()
+            return self._plan_rim_grasp(p, obj)
+        g, u, ang = best
+        self.tried.append(float(ang))
         yaw = yaw_for_closing_axis(u)
-        return {"xy": g, "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN}
+        return {"xy": g, "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN, "preshape": PRESHAPE_STEPS}
 
     def _place_target(self, p: dict[str, Any], obj_below: float) -> tuple[np.ndarray, float]:
         """(xy, z) of the grasp point at release."""
@@ -261,13 +324,18 @@ class PickPlaceExpert:
             if eef[2] < hover - 0.03 and np.linalg.norm(eef[:2] - g["xy"]) > 0.03:
                 target = np.array([eef[0], eef[1], hover])  # rise first
             a[:3] = self._move(eef, target)
-            if np.linalg.norm(eef[:2] - g["xy"]) < 0.01 and abs(eef[2] - hover) < 0.03 and rot_err < 0.05:
-                self._set("descend")
-            elif self.timer > 80:
+            if (np.linalg.norm(eef[:2] - g["xy"]) < 0.01 and abs(eef[2] - hover) < 0.03 and rot_err < 0.05) \
+                    or self.timer > 80:
+                self._set("preshape" if g.get("preshape") else "descend")
+        elif self.phase == "preshape":  # partly close at the hover point so the fingers fit beside the rim
+            a[:3] = self._move(eef, np.array([g["xy"][0], g["xy"][1], eef[2]]))
+            grip = 1.0
+            if self.timer >= g["preshape"]:
                 self._set("descend")
         elif self.phase == "descend":
             target = np.array([g["xy"][0], g["xy"][1], g["z"]])
             a[:3] = self._move(eef, target, speed=0.6)
+            grip = 0.0 if g.get("preshape") else -1.0  # hold the pre-shaped opening
             if abs(eef[2] - g["z"]) < 0.006 or self.timer > 40:
                 self._set("close")
         elif self.phase == "close":
@@ -280,9 +348,8 @@ class PickPlaceExpert:
         elif self.phase in ("lift", "carry", "lower"):
             grip = 1.0
             obj_below = eef[2] - lo[2]
-            exclude = (obj,)
-            carry_z = self._obstacle_top(p, exclude) + obj_below + 0.04
             place_xy, place_z = self._place_target(p, obj_below)
+            carry_z = self._obstacle_top(p, obj, eef[:2], place_xy) + obj_below + 0.04
             if self.phase == "lift":
                 a[:3] = self._move(eef, np.array([eef[0], eef[1], carry_z]))
                 if self.timer > 6 and lo[2] < self.lift_ref + 0.01 and eef[2] - self.lift_ref > 0.06:
@@ -294,14 +361,20 @@ class PickPlaceExpert:
                 a[:3] = self._move(eef, np.array([place_xy[0], place_xy[1], carry_z]))
                 if abs(obj_below - self.obj_below) > 0.03:
                     self._regrasp()  # dropped on the way
-                elif np.linalg.norm(eef[:2] - place_xy) < 0.01:
-                    self._set("lower")
-                elif self.timer > 100:
-                    self._set("lower")
-            else:  # lower
-                a[:3] = self._move(eef, np.array([place_xy[0], place_xy[1], place_z]), speed=0.5)
-                if abs(eef[2] - place_z) < 0.008 or self.timer > 50:
+                else:
+                    err = float(np.linalg.norm(eef[:2] - place_xy))
+                    if err < self.best_err - 0.002:
+                        self.best_err, self.best_t = err, self.timer
+                    # arrived, or no progress for 10 steps (at the reach limit: lower where we are)
+                    if err < 0.01 or self.timer - self.best_t > 10 or self.timer > 100:
+                        self._set("lower")
+            else:  # lower: fast while high above the release height, then slow
+                speed = 1.0 if eef[2] - place_z > 0.04 else 0.5
+                a[:3] = self._move(eef, np.array([place_xy[0], place_xy[1], place_z]), speed=speed)
+                stalled = self.timer > 5 and self.prev_z - eef[2] < 0.001
+                if abs(eef[2] - place_z) < 0.008 or stalled or self.timer > 50:
                     self._set("release")
+            self.prev_z = float(eef[2])
         elif self.phase == "release":
             a[:3] = 0.0
             grip = -1.0
