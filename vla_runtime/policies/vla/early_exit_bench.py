@@ -187,7 +187,7 @@ def format_earlyexit(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 40, seed: int = 1,
                      options: dict[str, Any] | None = None, with_specprune: bool = False,
-                     out: Path | None = None) -> dict[str, Any]:
+                     out: Path | None = None, specprune_predictors: Path | None = None) -> dict[str, Any]:
     """Full depth vs early exit on the same demo observations (frames every n_action_steps, episodes the
     predictors were not trained on), interleaved per frame, in one process.
 
@@ -205,19 +205,27 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
 
     ck = resolve_checkpoint(checkpoint)
     pred_dir = ck / PREDICTOR_DIR
-    meta = json.loads((pred_dir / "predictors.json").read_text()) if (pred_dir / "predictors.json").is_file() else {}
-    trained_on = set(meta.get("train", {}).get("demo_files", []))
+    trained_on: set[str] = set()
+    for d in (pred_dir, specprune_predictors):
+        if d is not None and (Path(d) / "predictors.json").is_file():
+            trained_on |= set(json.loads((Path(d) / "predictors.json").read_text()).get("train", {})
+                              .get("demo_files", []))
     arms: list[tuple[str, tuple[str, ...]]] = [("full", ()), ("earlyexit", ("earlyexit",))]
     if with_specprune:
         arms += [("specprune", ("specprune",)), ("specprune+earlyexit", ("specprune", "earlyexit"))]
-    pols = {name: load_vla_policy(ck, accel=acc, accel_options={"earlyexit": {"record_chunks": True,
-                                                                            **(options or {})}})
-            for name, acc in arms}
+    def ee_opts(name: str) -> dict[str, Any]:
+        o: dict[str, Any] = {"record_chunks": True, **(options or {})}
+        if name == "specprune+earlyexit" and specprune_predictors is not None:
+            o["predictors"] = str(specprune_predictors)  # trained with the pruner on (train ... accel=specprune)
+        return {"earlyexit": o}
+
+    pols = {name: load_vla_policy(ck, accel=acc, accel_options=ee_opts(name)) for name, acc in arms}
     cfg = pols["full"].cfg
     episodes = _demo_observations(list(data_dirs), tuple(cfg.cameras), cfg.n_action_steps, max_chunks, 40, seed,
                                   exclude=trained_on)
     ms: dict[str, list[float]] = {n: [] for n in pols}
     same: dict[str, list[float]] = {n: [] for n in pols}
+    err: dict[str, list[float]] = {n: [] for n in pols}  # max |action - reference action| per chunk (env units)
     for obs_list in episodes:
         for p in pols.values():
             p.reset(obs_list[0].instruction)
@@ -230,6 +238,7 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
             for name in pols:
                 ref = acts["specprune"] if name == "specprune+earlyexit" else acts["full"]
                 same[name].append(float(np.mean(np.isclose(acts[name], ref, atol=1e-6))))
+                err[name].append(float(np.abs(acts[name] - ref).max()))
     base = percentiles(ms["full"])["p50"]
     rows = []
     for name, p in pols.items():
@@ -238,6 +247,7 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
         row = {"name": name, "latency_ms_p50": pc["p50"], "latency_ms_p95": pc["p95"],
                "ratio_to_baseline": round(base / pc["p50"], 3) if pc["p50"] else None,
                "same_chunk_tokens_pct": round(100.0 * float(np.mean(same[name])), 2),
+               "chunk_max_abs_err_mean": round(float(np.mean(err[name])), 4),
                **summarize(ep, p.model.n_layers)}
         rows.append(row)
     report = {"bench": "earlyexit-replay", "checkpoint": str(ck), "data": [str(d) for d in data_dirs],
@@ -250,7 +260,8 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
     for r in rows:
         print(f"  {r['name']:22s} layers {r.get('layers_mean')}  agree {r.get('token_agreement_pct')}%  same-chunk "
               f"{r['same_chunk_tokens_pct']}%  p50 {r['latency_ms_p50']:.1f} ms  p95 {r['latency_ms_p95']:.1f} ms  "
-              f"ratio {r['ratio_to_baseline']}x")
+              f"ratio {r['ratio_to_baseline']}x  chunk err {r['chunk_max_abs_err_mean']}"
+              + (f"  within-tol {r['chunk_within_tol_pct']}%" if "chunk_within_tol_pct" in r else ""))
     return report
 
 
@@ -269,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-fill", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--specprune-predictors", type=Path, default=None,
+                    help="predictors trained with the pruner on, for the specprune+earlyexit arm")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     opts: dict[str, Any] = {}
@@ -276,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         opts["threshold"] = a.threshold
     if a.kv_fill:
         opts["kv_fill"] = a.kv_fill
-    replay_earlyexit(a.checkpoint, a.data, a.chunks, a.seed, opts, a.specprune, a.out)
+    replay_earlyexit(a.checkpoint, a.data, a.chunks, a.seed, opts, a.specprune, a.out, a.specprune_predictors)
 
 
 if __name__ == "__main__":

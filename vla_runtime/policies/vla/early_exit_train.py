@@ -325,17 +325,21 @@ def collect_chunks(policy: Any, episodes: list[list[Any]]) -> list[dict[str, Any
 def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, device: str = "cpu", *,
                           config: EarlyExitConfig | None = None, max_chunks: int = 400, max_per_episode: int = 40,
                           epochs: int = 60, target_precision: float | None = None, check_cost: float = 0.25,
-                          dtype: str = "bf16", seed: int = 0) -> dict[str, Any]:
+                          dtype: str = "bf16", seed: int = 0, accel: tuple[str, ...] = ()) -> dict[str, Any]:
     """Collect rollouts of CHECKPOINT on the demos in DATA_DIRS, train the per-layer predictors, write OUT.
 
-    OUT is usually <checkpoint>/exit_predictors (the default the `earlyexit` acceleration loads).
+    OUT is usually <checkpoint>/exit_predictors (the default the `earlyexit` acceleration loads). `accel` names
+    token pruners to run during collection (e.g. ("specprune",)): predictors for `--accel specprune,earlyexit`
+    then see the pruned prefill they will meet (load them with the option predictors=OUT).
     """
     from vla_runtime.policies import resolve_checkpoint
     from vla_runtime.policies.vla.policy import load_vla_policy
 
     t0 = time.perf_counter()
     ck = resolve_checkpoint(checkpoint)
-    policy = load_vla_policy(ck, device=device, dtype=dtype)
+    if "earlyexit" in accel:
+        raise UserError("train exit predictors with token pruners only (accel without earlyexit)")
+    policy = load_vla_policy(ck, device=device, dtype=dtype, accel=tuple(accel))
     model = policy.model
     cfg = config or EarlyExitConfig()
     mode = model.cfg.mode
@@ -358,7 +362,7 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     bank.meta["train"].update({"checkpoint": str(ck), "data": [str(d) for d in data_dirs], "chunks": len(chunks),
                                "episodes": len(episodes), "dtype": dtype, "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
-                               "tokens": samples.get("n_tokens"), "demo_files": used})
+                               "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel)})
     bank.save(out)
     summary = {"out": str(out), "mode": mode, "layers": sorted(bank.params), "offline_layers": bank.offline_layers,
                "thresholds": bank.thresholds, "earliest_correct_hist": bank.meta["train"]["earliest_correct_hist"],
