@@ -14,7 +14,9 @@ Privileged (numpy arrays, quaternions xyzw as robosuite gives them): `task`, `ee
 
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,18 @@ CAMERA_ALIASES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand", "fron
                   "birdview": "birdview", "sideview": "sideview"}
 DEFAULT_CAMERAS = ("agentview", "wrist")
 CONTROL_HZ = 20.0
+
+# Envs still open at interpreter exit are closed by `_close_all`: otherwise robosuite's EGL contexts are
+# freed by `__del__` after robosuite's own atexit hook terminated the EGL display, which prints EGLError
+# tracebacks on every exit. atexit runs hooks last-registered-first, so ours is registered after robosuite
+# registered its hook, i.e. after the first render context exists.
+_LIVE: "weakref.WeakSet[RobosuiteEnv]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_all() -> None:
+    for env in list(_LIVE):
+        env.close()
 
 
 def quat_xyzw_to_axisangle(q: np.ndarray) -> np.ndarray:
@@ -92,8 +106,10 @@ class RobosuiteEnv(Env):
     def _build(self) -> Any:
         if self.render:
             check_gl()
+        global _atexit_registered
         robosuite = import_robosuite()
         import robosuite.macros as macros
+
         from robosuite import load_controller_config
 
         self._flip = macros.IMAGE_CONVENTION == "opengl"
@@ -111,6 +127,10 @@ class RobosuiteEnv(Env):
         np.random.set_state(rng_state)
         if self.render and self.fast_render:
             apply_fast_render_sim(env.sim)
+        _LIVE.add(self)
+        if self.render and not _atexit_registered:  # after robosuite registered eglTerminate (1st context)
+            atexit.register(_close_all)
+            _atexit_registered = True
         return env
 
     # -------------------------------------------------------------------------------------------- Env API
