@@ -423,3 +423,19 @@ def test_bench_needs_a_vla(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pols, "list_policies", lambda: ["scripted"])
     with pytest.raises(UserError, match="needs a VLA"):
         bench_specprune(env="dummy:reach", policy="", episodes=1)
+
+
+def test_latency_tool_on_a_tiny_random_model() -> None:
+    from vla_runtime.policies.vla.specprune_latency import build_policies, default_variants, load_frames, measure
+
+    arch = ("image_size=32,patch_size=4,hidden=32,layers=8,heads=2,kv_heads=1,head_dim=16,intermediate=64,"
+            "vision_hidden=16,vision_heads=2,vision_intermediate=32")
+    pols = build_policies("", arch, default_variants([0.25]))
+    frames, acts = load_frames(None, ("agentview", "wrist"), 32, 6)
+    assert acts is None and len(frames) == 6
+    res = measure(pols, frames, warmup=1, actions=np.zeros((6, 7), np.float32), stride=2)
+    assert list(res) == ["no-pruning", "specprune(default)", "specprune@0.25", "static@0.25", "random@0.25"]
+    assert res["no-pruning"]["ratio"] == 1.0 and res["no-pruning"]["action_l1"] == 0.0
+    assert res["no-pruning"]["pruner_ms_p50"] == 0.0 and res["specprune@0.25"]["pruner_ms_p50"] > 0.0
+    assert res["no-pruning"]["visual_tokens_per_layer"] == 128.0
+    assert res["random@0.25"]["visual_tokens_per_layer"] < 128.0 and res["static@0.25"]["n"] == 2

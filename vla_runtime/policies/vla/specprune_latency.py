@@ -130,13 +130,26 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
     what the model would do (0 for a lossless selection).
     """
     res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "vision": [], "decoder": [], "vis_tok": [], "l1": [],
-                                                    "fine": []} for k in policies}
-    for p in policies.values():
+                                                    "fine": [], "pruner": []} for k in policies}
+    hook_s: dict[str, list[float]] = {k: [0.0] for k in policies}
+    for label, p in policies.items():
         p.reset(frames[0].instruction)
+        if p.pruner is not None:  # time the pruner's own work (its hook calls), per inference
+            inner = p.pruner.before_layer
+
+            def timed(i: int, ctx: Any, inner: Any = inner, acc: list[float] = hook_s[label]) -> Any:
+                t = time.perf_counter()
+                try:
+                    return inner(i, ctx)
+                finally:
+                    acc[0] += time.perf_counter() - t
+
+            p.pruner.before_layer = timed
     for n_inf, i in enumerate(range(0, len(frames), stride)):
         obs = frames[i]
         ref = None
         for label, p in policies.items():
+            h0 = hook_s[label][0]
             t0 = time.perf_counter()
             ch = p.act(obs)
             ms = (time.perf_counter() - t0) * 1e3
@@ -154,6 +167,7 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
             r["vis_tok"].append(ch.info.get("mean_visual_tokens", float("nan")))
             r["l1"].append(float(np.abs(ch.actions - ref).mean()))
             r["fine"].append(float(ch.info.get("prune_fine", 0)))
+            r["pruner"].append((hook_s[label][0] - h0) * 1e3)
     base = float(np.median(res[next(iter(policies))]["ms"]))
     out = {}
     for label, r in res.items():
@@ -162,6 +176,7 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
                       "vision_ms_p50": round(float(np.median(r["vision"])), 2),
                       "decoder_ms_p50": round(float(np.median(r["decoder"])), 2),
                       "visual_tokens_per_layer": round(float(np.mean(r["vis_tok"])), 1),
+                      "pruner_ms_p50": round(float(np.median(r["pruner"])), 2),
                       "action_l1": round(float(np.mean(r["l1"])), 4), "fine_frac": round(float(np.mean(r["fine"])), 3),
                       "ratio": round(base / p50, 3), "n": len(r["ms"])}
     return out
@@ -214,10 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['policy']}: {cfg.n_visual} visual tokens, {cfg.layers}x{cfg.hidden} decoder, "
           f"{len(frames)} frames, {a.threads} thread(s)")
     print(f"{'variant':22s} {'p50 ms':>8s} {'p95 ms':>8s} {'vision':>7s} {'decoder':>8s} {'vis/layer':>9s} "
-          f"{'ratio':>6s} {'|da|':>7s} {'fine':>5s}")
+          f"{'ratio':>6s} {'pruner':>6s} {'|da|':>7s} {'fine':>5s}")
     for k, r in res.items():
         print(f"{k:22s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['vision_ms_p50']:7.1f} {r['decoder_ms_p50']:8.1f} "
-              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x {r['action_l1']:7.4f} {r['fine_frac']:5.2f}")
+              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x {r['pruner_ms_p50']:6.1f} {r['action_l1']:7.4f} "
+              f"{r['fine_frac']:5.2f}")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1))
