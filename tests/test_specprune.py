@@ -214,7 +214,7 @@ def test_baselines_keep_the_budget() -> None:
         assert len(sets[name]) == 26  # ceil(0.2 * 128)
         # no dynamic stage: the count stays the same to the last layer
         assert int((rec.log[-1]["kinds"][0] == KIND_VISUAL).sum()) == 26
-    assert pr.attention_layers == frozenset() and make_pruner(model, "prune-fastv").attention_layers == {0}
+    assert pr.score_layers == frozenset() and make_pruner(model, "prune-fastv").score_layers == {0}
     assert sets["prune-random"] != sets["prune-fastv"]
     # random pruning is reproducible per episode: a fresh memory replays the same draws
     pr = make_pruner(model, "prune-random", budget=0.2)
@@ -229,7 +229,7 @@ def test_attention_selection_keeps_the_most_attended_patches() -> None:
 
     model, tok = tiny_model()
     x = inputs(model, tok)
-    rec = Recorder(make_pruner(model, "prune-fastv", budget=0.2))
+    rec = Recorder(make_pruner(model, "prune-fastv", budget=0.2, row_scores=False))  # eager: ctx.attentions
     _, ctx = step(model, rec, x, {}, 0)
     first = rec.log[0]
     text_rows = (first["kinds"][0] == KIND_TEXT).nonzero().squeeze(1)  # (padding already removed, B == 1)
@@ -369,9 +369,10 @@ def test_registry_and_options() -> None:
         make_pruner(model, "specprune", prune_layer=8, local_layers=(0,))
     full = make_pruner(model, "specprune")
     assert full.dynamic_layers == (2, 4, 6)  # quarters of 8 layers, after the static cut before layer 1
-    assert full.importance_layers == (0, 3) and full.attention_layers == {0, 3}
+    assert full.importance_layers == (0, 3) and full.score_layers == {0, 3}
+    assert full.attention_layers == frozenset()  # scored by the row hooks, no eager capture
     assert make_pruner(model, "specprune", prune_layer=2, local_layers=(0, 1)).dynamic_layers == (4, 6)
-    assert make_pruner(model, "specprune-static").attention_layers == {0}
+    assert make_pruner(model, "specprune-static", row_scores=False).attention_layers == {0}
 
 
 def make_ckpt(d: Path) -> Path:
@@ -439,3 +440,25 @@ def test_latency_tool_on_a_tiny_random_model() -> None:
     assert res["no-pruning"]["pruner_ms_p50"] == 0.0 and res["specprune@0.25"]["pruner_ms_p50"] > 0.0
     assert res["no-pruning"]["visual_tokens_per_layer"] == 128.0
     assert res["random@0.25"]["visual_tokens_per_layer"] < 128.0 and res["static@0.25"]["n"] == 2
+
+
+def test_row_scores_equal_eager_attention_scores() -> None:
+    """The pre-hook's query-rows-only softmax gives the scores the eager attention matrix gives, and the layers
+    run without attention capture (SDPA stays on)."""
+    model, tok = tiny_model()
+    fast = make_pruner(model, "specprune", budget_coarse=0.25)
+    slow = make_pruner(model, "specprune", budget_coarse=0.25, row_scores=False)
+    assert fast.attention_layers == frozenset() and slow.attention_layers == {0, 3}
+    mem_f: dict[str, Any] = {}
+    mem_s: dict[str, Any] = {}
+    for s in range(2):
+        rec_f, rec_s = Recorder(fast), Recorder(slow)
+        _, cf = step(model, rec_f, inputs(model, tok, seed=s), mem_f, 4 * s)
+        _, cs = step(model, rec_s, inputs(model, tok, seed=s), mem_s, 4 * s)
+        assert cf.attentions == {} and set(cs.attentions) == {0, 3}
+        imp_f, imp_s = cf.extra[MEM_KEY]["imp"], cs.extra[MEM_KEY]["imp"]
+        assert set(imp_f) == set(imp_s) == {0, 3}
+        for l in (0, 3):
+            torch.testing.assert_close(imp_f[l], imp_s[l], rtol=1e-4, atol=1e-6)
+        assert kept_after_static(rec_f, 1) == kept_after_static(rec_s, 1)
+        assert visual_ids(cf) == visual_ids(cs)

@@ -123,6 +123,8 @@ class SpecPruneConfig:
     importance_layers: tuple[int, ...] | None = None  # None: local + layer round(3/8 depth) (paper: 0, 1, 12 of 32)
     ctrl: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0  # random baseline
+    row_scores: bool = True  # score visual tokens from the query rows only (pre-hook; layers keep SDPA);
+    # False: capture the full attention matrix with eager attention (transformers' only way to return it)
 
     def __post_init__(self) -> None:
         if isinstance(self.ctrl, dict):
@@ -287,7 +289,60 @@ class SpecPrunePruner:
             if c.variant == "fastv" or c.use_local or c.use_history:
                 want |= set(c.local_layers)
         want |= set(self.importance_layers)
-        self.attention_layers: frozenset[int] = frozenset(want)
+        self.score_layers = frozenset(want)  # layers whose text->vision attention the pruner reads
+        self.attention_layers: frozenset[int] = frozenset(want)  # eager capture, unless row hooks replace it
+        self._armed: dict[int, StepContext] = {}
+        self._hooks: list[Any] = []
+
+    def install_row_hooks(self, decoder_layers: Any) -> bool:
+        """Compute the scores of `score_layers` in a pre-hook on each layer's `self_attn` from the query rows
+        only (R x N instead of the eager N x N attention), so those layers keep SDPA. False (eager capture stays)
+        if the attention modules do not look like stock Llama/Qwen2/Gemma attention."""
+        mods = []
+        for l in sorted(self.score_layers):
+            a = getattr(decoder_layers[l], "self_attn", None)
+            if a is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
+                return False
+            mods.append((l, a))
+        for l, a in mods:
+            self._hooks.append(a.register_forward_pre_hook(self._make_row_hook(l), with_kwargs=True))
+        self.attention_layers = frozenset()
+        return True
+
+    def _make_row_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ctx = self._armed.pop(layer, None)
+            if ctx is None:  # another pruner's forward through a shared model, or a decode step
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self._row_importance(module, layer, hidden, kwargs.get("position_embeddings"),
+                                 kwargs.get("attention_mask"), ctx)
+            return None
+
+        return hook
+
+    def _row_importance(self, attn: Any, layer: int, hidden: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                        mask: torch.Tensor | None, ctx: StepContext) -> None:
+        """softmax(q_rows k^T * scale + mask_rows) (B, H, R, N) -> attention_importance -> sc["imp"][layer]."""
+        import sys
+
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model family's own rotary
+        start, stop, _ = self._visual_span(ctx)
+        rows = self._query_rows(ctx)
+        B, N, _ = hidden.shape
+        hd = int(attn.head_dim)
+        cos, sin = pe  # (B, N, hd)
+        q = attn.q_proj(hidden[:, rows]).view(B, rows.numel(), -1, hd).transpose(1, 2)  # (B, H, R, hd)
+        k = attn.k_proj(hidden).view(B, N, -1, hd).transpose(1, 2)  # (B, Hkv, N, hd)
+        q = rope(q, q, cos[:, rows], sin[:, rows])[0]
+        k = rope(k, k, cos, sin)[0]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, N, hd)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, R, N)
+        if mask is not None:
+            scores = scores + mask[:, :, rows].float()
+        probs = scores.softmax(-1)
+        imp = attention_importance(probs, range(rows.numel()), (start, stop), check_indices=False)
+        ctx.extra[MEM_KEY].setdefault("imp", {})[layer] = imp
 
     # ---- per-episode state ----------------------------------------------------------------------------------
     def state(self, memory: dict[str, Any]) -> dict[str, Any]:
@@ -333,6 +388,8 @@ class SpecPrunePruner:
         sc: dict[str, Any] = ctx.extra[MEM_KEY]
         c = self.cfg
         keep: torch.Tensor | None = None
+        if self._hooks and layer_idx in self.score_layers:
+            self._armed[layer_idx] = ctx  # the row hook of this layer scores the tokens that enter it
         if (layer_idx - 1) in self.importance_layers and sc.get("score") is not None:
             self._update_importance(ctx, layer_idx - 1)  # deeper layers refine the running score
         if layer_idx == c.prune_layer and (c.static or c.variant != "specprune"):
@@ -437,6 +494,8 @@ class SpecPrunePruner:
         cache: dict[int, torch.Tensor] = ctx.extra[MEM_KEY].setdefault("imp", {})
         if layer in cache and cache[layer].shape[1] == stop - start:
             return cache[layer]
+        if self._hooks:
+            raise ValueError(f"SpecPrune: no row scores for layer {layer} with {stop - start} visual tokens")
         attn = ctx.attentions.get(layer)
         if attn is None:
             raise ValueError(f"SpecPrune: layer {layer}'s attention was not captured")
@@ -555,7 +614,7 @@ class SpecPrunePruner:
         score = None
         c = self.cfg
         for l in self.importance_layers:
-            if l in ctx.attentions and l < ctx.layer_idx:
+            if (l in ctx.attentions or l in sc.get("imp", {})) and l < ctx.layer_idx:
                 w = _rank_weights(self._importance(ctx, l, start, stop), c.rank_weight_hi, c.rank_weight_lo)
                 score = w if score is None else (1 - c.ema_alpha) * score + c.ema_alpha * w
         sc["score"] = score
@@ -563,7 +622,7 @@ class SpecPrunePruner:
     def _update_importance(self, ctx: StepContext, layer: int) -> None:
         sc: dict[str, Any] = ctx.extra[MEM_KEY]
         score = sc.get("score")
-        if score is None or layer not in ctx.attentions:
+        if score is None or (layer not in ctx.attentions and layer not in sc.get("imp", {})):
             return
         start, stop, _ = self._visual_span(ctx)
         if stop - start != score.shape[1]:
@@ -651,8 +710,12 @@ def make_pruner(model: Any, name: str = "specprune", **options: Any) -> SpecPrun
         raise UserError(f"unknown SpecPrune options {bad} (known: {sorted(known)})")
     cfg = SpecPruneConfig(**{**ACCEL_PRESETS[name], **options})
     mc = model.cfg
-    return SpecPrunePruner(n_layers=model.n_layers, n_cameras=len(mc.cameras), patches_per_camera=mc.patches_per_camera,
-                           patch_size=mc.patch_size, n_action_steps=mc.n_action_steps, config=cfg)
+    pr = SpecPrunePruner(n_layers=model.n_layers, n_cameras=len(mc.cameras), patches_per_camera=mc.patches_per_camera,
+                         patch_size=mc.patch_size, n_action_steps=mc.n_action_steps, config=cfg)
+    if cfg.row_scores and pr.score_layers and not pr.install_row_hooks(model.decoder.layers):
+        log.warning("SpecPrune: attention modules of %s are not stock; capturing eager attention instead",
+                    type(model.decoder).__name__)
+    return pr
 
 
 def _factory(name: str) -> Callable[..., SpecPrunePruner]:
