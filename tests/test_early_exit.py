@@ -314,6 +314,7 @@ def test_train_predictors_then_act_with_accel(mode: str, tmp_path: Path) -> None
     meta = json.loads((ck / EE.PREDICTOR_DIR / EE.META_FILE).read_text())
     assert meta["mode"] == mode and meta["layers"] == res["layers"] and meta["train"]["chunks"] == 12
     assert sum(meta["train"]["earliest_correct_hist"]) > 0
+    assert meta["train"]["weights_sha256"] == EE.weights_digest(ck) and len(meta["train"]["demo_files"]) == 3
     # the shipped layout: <ckpt>/exit_predictors is found without options; a forced threshold makes it exit
     pol = load_vla_policy(ck, accel=("earlyexit",), accel_options={"earlyexit": {"threshold": 0.01}})
     assert isinstance(pol.exit_policy, EarlyExitPolicy)

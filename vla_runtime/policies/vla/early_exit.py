@@ -772,6 +772,20 @@ def default_predictor_dir(model: VLAModel) -> Path | None:
     return Path(d) / PREDICTOR_DIR if d else None
 
 
+def weights_digest(ckpt_dir: str | Path) -> str | None:
+    """sha256 of <ckpt>/model.safetensors: predictors record it, the loader warns when the weights changed."""
+    import hashlib
+
+    p = Path(ckpt_dir) / "model.safetensors"
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def make_early_exit(model: VLAModel, predictors: str | Path | None = None, tag: str | None = None,
                     record_chunks: bool = False, **options: Any) -> EarlyExitPolicy:
     """`ACCELERATIONS["earlyexit"]`: load the predictors (default <checkpoint>/exit_predictors) and build the
@@ -781,6 +795,11 @@ def make_early_exit(model: VLAModel, predictors: str | Path | None = None, tag: 
         raise UserError("earlyexit: no predictors given and the model does not know its checkpoint directory; "
                         "pass accel option predictors=DIR")
     bank = PredictorBank.load(path)
+    want = bank.meta.get("train", {}).get("weights_sha256")
+    ck = getattr(model, "checkpoint_dir", None)
+    if want and ck and weights_digest(ck) not in (None, want):
+        log.warning("earlyexit: %s was trained for other weights than %s/model.safetensors (retrain with "
+                    "`vla-runtime train --policy exit-predictors`); exits may be wrong", path, ck)
     cfg = bank.config
     if options:
         cfg = EarlyExitConfig.from_dict({**cfg.to_dict(), **options})

@@ -28,7 +28,7 @@ import torch
 
 from vla_runtime.errors import UserError
 from vla_runtime.kernels import ExitMLP, exit_features_torch
-from vla_runtime.policies.vla.early_exit import (PARALLEL_FEATURES, EarlyExitConfig, ParallelExitMLP, PredictorBank,
+from vla_runtime.policies.vla.early_exit import (PARALLEL_FEATURES, weights_digest, EarlyExitConfig, ParallelExitMLP, PredictorBank,
                                                  ar_head_weight, build_candidates, final_norm_params,
                                                  offline_schedule, parallel_features, previous_token_for)
 from vla_runtime.policies.vla.modeling import StepContext
@@ -362,7 +362,8 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     bank.meta["train"].update({"checkpoint": str(ck), "data": [str(d) for d in data_dirs], "chunks": len(chunks),
                                "episodes": len(episodes), "dtype": dtype, "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
-                               "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel)})
+                               "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel),
+                               "weights_sha256": weights_digest(ck)})
     bank.save(out)
     summary = {"out": str(out), "mode": mode, "layers": sorted(bank.params), "offline_layers": bank.offline_layers,
                "thresholds": bank.thresholds, "earliest_correct_hist": bank.meta["train"]["earliest_correct_hist"],
