@@ -306,7 +306,7 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="+", required=True, help="demo directories (HDF5 files)")
+    p.add_argument("--data", nargs="+", default=[], help="demo directories (HDF5 files)")
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
     p.add_argument("--mode", default="parallel", choices=["parallel", "ar"])
     p.add_argument("--steps", type=int, default=20000)
@@ -325,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.export:
         print(export_checkpoint(a.out, a.export))
         return
+    if not a.data:
+        p.error("--data is required for training")
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                     lr=a.lr, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config))
