@@ -3,8 +3,9 @@
 Why: a VLA's decoder runs over hundreds of visual tokens per inference, most of which show a static scene.
 SpecPrune drops them in two stages, guided by an action-aware controller:
 
-1. Static pruning at the action level, before `prune_layer` (the layers before it run on every token and
-   capture their attention). The kept visual set is
+1. Static pruning at the action level, before `prune_layer` (the layers before it run on every token; a
+   pre-hook on their `self_attn` scores the visual tokens from the text query rows only, so they keep SDPA;
+   see `SpecPrunePruner.install_row_hooks`). The kept visual set is
        local top-k  U  history top-k  U  changed patches,   capped by the mode's budget:
    - local: text->vision attention of *this* step at `local_layers` (head and query mean), top-k per camera;
    - history ("global"): the patches that were most important in the *previous* inference (their running
@@ -511,7 +512,7 @@ class SpecPrunePruner:
         c = self.cfg
         sc: dict[str, Any] = ctx.extra[MEM_KEY]
         assert ctx.kinds is not None and ctx.positions is not None
-        start, stop, pid = self._visual_span(ctx)
+        start, stop, _ = self._visual_span(ctx)
         n = stop - start
         if n == 0:
             return None
