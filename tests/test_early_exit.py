@@ -170,7 +170,6 @@ class ForcedExit(EarlyExitPolicy):
     """Exits after layer 1 on every other decode step: a fixed pattern to test the KV fill against."""
 
     def _should_exit(self, i: int, hidden: torch.Tensor) -> bool:
-        self._decide_step = getattr(self, "_decide_step", 0)
         return i == 1 and len(self._exits) % 2 == 1
 
 

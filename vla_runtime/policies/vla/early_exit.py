@@ -437,6 +437,7 @@ class EarlyExitPolicy:
         self._tokens: list[int] = []
         self._cache: LayerKVCache | None = None
         self._pending: list[_Pending] = []
+        self._rows: list[_Pending] = []  # pending tokens added to the current layer call
         self._exits: list[int] = []
         self._prefill_snapshot: dict[str, Any] | None = None
         # per token
@@ -529,7 +530,6 @@ class EarlyExitPolicy:
         """
         h = args[0]  # (B, Q, D)
         Q = h.shape[1]
-        B = h.shape[0]
         ph = torch.cat([p.hidden for p in todo], 1).to(h.dtype)  # (B, P, D)
         ppos = torch.cat([p.pos for p in todo], 1)  # (B, P)
         pkind = torch.full_like(ppos, KIND_SUFFIX)
@@ -547,12 +547,11 @@ class EarlyExitPolicy:
         kw = dict(kwargs, attention_mask=mask, position_embeddings=pe, position_ids=qpos)
         self._rows = todo
         self.stats.pending_rows += len(todo)
-        del B
         return (hh, *args[1:]), kw
 
     def _make_post_hook(self, j: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> Any:
-            rows = getattr(self, "_rows", None)
+            rows = self._rows
             if not self._active or not rows:
                 return None
             P = len(rows)
@@ -678,7 +677,8 @@ class EarlyExitPolicy:
         p = self._params[i]
         if self._use_dispatch(h):
             pred = exit_predictor(h, self._norm_w, self._norm_eps, self._head_w, self._cand, self._prev_probs,
-                                  p["w1"], p["b1"], p["w2"], p["b2"], backend=self.cfg.backend,  # type: ignore[arg-type]
+                                  p["w1"], p["b1"], p["w2"], p["b2"],
+                                  backend=self.cfg.backend,  # type: ignore[arg-type]
                                   check_indices=False)
             score, self._prev_probs = pred.score, pred.cand_probs
         else:

@@ -28,9 +28,10 @@ import torch
 
 from vla_runtime.errors import UserError
 from vla_runtime.kernels import ExitMLP, exit_features_torch
-from vla_runtime.policies.vla.early_exit import (PARALLEL_FEATURES, weights_digest, EarlyExitConfig, ParallelExitMLP, PredictorBank,
+from vla_runtime.policies.vla.early_exit import (PARALLEL_FEATURES, EarlyExitConfig, ParallelExitMLP, PredictorBank,
                                                  ar_head_weight, build_candidates, final_norm_params,
-                                                 offline_schedule, parallel_features, previous_token_for)
+                                                 offline_schedule, parallel_features, previous_token_for,
+                                                 weights_digest)
 from vla_runtime.policies.vla.modeling import StepContext
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def parallel_samples(model: Any, chunks: list[dict[str, Any]], tolerance: float)
 # ---------------------------------------------------------------------------------------------------------------
 def fit_mlp(net: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int = 60, lr: float = 1e-3,
             batch: int = 512, seed: int = 0) -> None:
-    """BCE on the pre-sigmoid logit; inputs standardised? No: the kernel takes raw features, so train on raw."""
+    """Adam + BCE on the pre-sigmoid logit, on raw (unstandardised) features: the kernel consumes raw features,
+    so any scaling would have to live in w1 anyway."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     lossf = torch.nn.BCEWithLogitsLoss()
