@@ -13,7 +13,8 @@ Fresh placement (`EpisodeSpec.init_state=None`, for demo collection, never evalu
 `set_init_state`. LIBERO's own sampler re-draws Spatial/Goal/10 layouts, but keeps LIBERO-Object object
 positions fixed per task (only the basket moves ~1 cm), so for libero_object every movable object (basket
 included) gets an extra xy jitter of +-`OBJECT_JITTER_M` and a yaw jitter of +-`OBJECT_YAW_JITTER_RAD`
-about the vertical, rejection-sampled so that collision footprints stay `MIN_GAP_M` apart. In every suite the
+about the vertical, rejection-sampled so that collision footprints stay `MIN_GAP_M` apart and no object
+moves beyond `OBJECT_REACH_M` (basket `BASKET_REACH_M`) from the robot base horizontally. In every suite the
 robot's initial joints get Gaussian noise (sigma `ROBOT_INIT_NOISE_RAD`, robosuite's "default" noise). A fresh
 layout that matches one of the task's 50 benchmark init states (all movable objects within
 `SAME_LAYOUT_TOL_M` in xy) is re-drawn.
@@ -58,6 +59,8 @@ BASKET_JITTER_M = 0.03
 OBJECT_YAW_JITTER_RAD = np.deg2rad(20.0)
 MIN_GAP_M = 0.01
 ROBOT_INIT_NOISE_RAD = 0.02
+OBJECT_REACH_M = 0.66  # max horizontal distance robot base -> object centre after jitter (top grasps at floor level)
+BASKET_REACH_M = 0.68
 SAME_LAYOUT_TOL_M = 0.005
 
 
@@ -322,13 +325,19 @@ class LiberoEnv(Env):
         # a yaw changes the footprint: use the circumscribed radius of the xy box
         radius = np.linalg.norm(hi[idx, :2] - lo[idx, :2], axis=1) / 2  # (n_movable,)
         jit = np.array([BASKET_JITTER_M if n.startswith("basket") else OBJECT_JITTER_M for n in ts.movable])
+        base_xy = d.xpos[ts.base_body_id][:2]
+        reach_max = np.array([BASKET_REACH_M if n.startswith("basket") else OBJECT_REACH_M for n in ts.movable])
         for _ in range(200):
             shift = rng.uniform(-1, 1, (len(idx), 2)) * jit[:, None]
             yaw = rng.uniform(-OBJECT_YAW_JITTER_RAD, OBJECT_YAW_JITTER_RAD, len(idx))
             c = centre + shift
             gap = np.linalg.norm(c[:, None] - c[None], axis=-1) - (radius[:, None] + radius[None])
             np.fill_diagonal(gap, np.inf)
-            if gap.min() >= MIN_GAP_M:
+            # stay within the arm's reach: no object ends up farther from the robot base than allowed
+            # (or than it already was), else a top grasp at floor level is out of reach (~0.66 m)
+            dist = np.linalg.norm(c - base_xy, axis=1)
+            reach_ok = np.all(dist <= np.maximum(reach_max, np.linalg.norm(centre - base_xy, axis=1)))
+            if gap.min() >= MIN_GAP_M and reach_ok:
                 break
         else:
             shift = np.zeros((len(idx), 2))

@@ -230,6 +230,8 @@ class PickPlaceExpert:
             return self._plan_rim_grasp(p, obj)
         centre, long_ax, short_ax, h_long, h_short = horizontal_box(p, obj)
         z = float(max(hi[2] - GRASP_DEPTH_M, lo[2] + FINGERTIP_BELOW_M))
+        if self.attempts > 0:
+            return self._plan_top_regrasp(p, obj, centre, long_ax, short_ax, h_long, h_short, z)
         # closing axes: across the short side, rotated as far as the object still fits between the fingers,
         # picking the one whose footprint keeps the most clearance from the neighbours
         best, best_score = short_ax, -np.inf
@@ -242,7 +244,33 @@ class PickPlaceExpert:
             score = min(clear, 0.03) - 0.005 * abs(phi)
             if score > best_score:
                 best, best_score = ax, score
+        self.tried.append(float(np.arctan2(best[1], best[0])))
         yaw = yaw_for_closing_axis(best)
+        return {"xy": centre[:2].copy(), "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN}
+
+    def _plan_top_regrasp(self, p: dict[str, Any], obj: str, centre: np.ndarray, long_ax: np.ndarray,
+                          short_ax: np.ndarray, h_long: float, h_short: float, z: float) -> dict[str, Any]:
+        """After a failed top grasp: the closing axis with the most 3D clearance from every collision geom
+        (oriented boxes, finer than the neighbours' AABBs used first), excluding axes already tried."""
+        objects = [str(n) for n in p["objects"]]
+        boxes = p["collision_boxes"][p["collision_owner"] != objects.index(obj)]
+        best, best_score = None, -np.inf
+        for phi in np.deg2rad(np.linspace(-90.0, 90.0, 37)):
+            ax = np.cos(phi) * short_ax + np.sin(phi) * long_ax
+            ang = float(np.arctan2(ax[1], ax[0]))
+            if any(abs((ang - t + np.pi / 2) % np.pi - np.pi / 2) < np.deg2rad(20) for t in self.tried):
+                continue
+            if 2 * (h_short * abs(np.cos(phi)) + h_long * abs(np.sin(phi))) > MAX_GRASP_WIDTH_M:
+                continue
+            clear = gripper_clearance(boxes, np.array([centre[0], centre[1], z]), ax, GRIPPER_HALF_OPEN_M)
+            score = min(clear, 0.03) - 0.005 * abs(phi)
+            if score > best_score:
+                best, best_score = (ax, ang), score
+        if best is None:
+            self.tried.clear()
+            best = (short_ax, float(np.arctan2(short_ax[1], short_ax[0])))
+        self.tried.append(best[1])
+        yaw = yaw_for_closing_axis(best[0])
         return {"xy": centre[:2].copy(), "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN}
 
     def _plan_rim_grasp(self, p: dict[str, Any], obj: str) -> dict[str, Any]:
