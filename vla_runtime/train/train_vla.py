@@ -298,9 +298,15 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
     model = load_model(src, tok)
     stats = json.loads(Path(src, "stats.json").read_text())
     out = save_checkpoint(model, tok, stats, dst, dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+
+    state = Path(src, "train_state.safetensors")
+    step = int(load_file(str(state))["step"][0]) if state.is_file() else -1
+    Path(out, "train_info.json").write_text(json.dumps({"step": step, "source": str(src)}) + "\n")
     log_src = Path(src, "loss_log.jsonl")
-    if log_src.is_file():
-        Path(out, "loss_log.jsonl").write_text(log_src.read_text())
+    if log_src.is_file():  # the log up to the exported step
+        lines = [ln for ln in log_src.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        Path(out, "loss_log.jsonl").write_text("".join(ln + "\n" for ln in lines))
     return out
 
 
