@@ -22,7 +22,7 @@ def run_cli(*args: str) -> int:
 
 def test_eval_writes_results(tmp_path, capsys):
     out = tmp_path / "ev"
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "4", "--seed", "7", "--out", str(out)) == 0
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "4", "--seed", "7", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "success 100.0%" in printed and "loop" in printed
     lines = (out / "episodes.jsonl").read_text().splitlines()
@@ -39,7 +39,7 @@ def test_eval_writes_results(tmp_path, capsys):
 
 def test_eval_paced_counts_deadlines(tmp_path):
     out = tmp_path / "ev"
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "2", "--paced", "--out", str(out)) == 0
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--paced", "--out", str(out)) == 0
     info = json.loads((out / "eval_info.json").read_text())
     assert info["config"]["loop"]["clock"] == "sim"
     assert info["aggregated"]["deadline_misses"] == 0  # the expert answers in well under one period
@@ -50,9 +50,9 @@ def test_eval_paced_counts_deadlines(tmp_path):
     (("eval", "--env", "libero:libero_object/12"), "unknown env"),
     (("eval", "--env", "dummy:reach", "--policy", "magic"), "unknown policy 'magic'; valid: scripted"),
     (("eval", "--env", "dummy:reach", "--policy", "diffusion:/no/such/dir"), "checkpoint '/no/such/dir' not found"),
-    (("eval", "--env", "dummy:reach", "--mode", "async"), "--mode async needs a paced clock"),
-    (("eval", "--env", "dummy:reach", "--episodes", "0"), "--episodes must be >= 1"),
-    (("eval", "--env", "dummy:reach", "--accel", "specprune"), "does not apply to the scripted expert"),
+    (("eval", "--env", "dummy:reach", "--policy", "scripted", "--mode", "async"), "--mode async needs a paced clock"),
+    (("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "0"), "--episodes must be >= 1"),
+    (("eval", "--env", "dummy:reach", "--policy", "scripted", "--accel", "specprune"), "does not apply to the scripted expert"),
     (("train", "--policy", "diffusion", "--data", "/no/such/demos", "--out", "/tmp/x"), "does not exist"),
 ])
 def test_bad_input_one_line_error(tmp_path, capsys, args, needle):
@@ -65,23 +65,23 @@ def test_bad_input_one_line_error(tmp_path, capsys, args, needle):
 
 def test_existing_results_are_never_overwritten(tmp_path, capsys):
     out = tmp_path / "ev"
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "2", "--out", str(out)) == 0
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--out", str(out)) == 0
     before = (out / "episodes.jsonl").read_text()
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "2", "--out", str(out)) == 2
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--out", str(out)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (out / "episodes.jsonl").read_text() == before
     # resuming with a different configuration is refused too
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "2", "--out", str(out), "--resume", "--paced") == 2
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--out", str(out), "--resume", "--paced") == 2
     assert "different configuration" in capsys.readouterr().err
 
 
 def test_resume_after_torn_write(tmp_path):
     out = tmp_path / "ev"
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "3", "--out", str(out)) == 0
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "3", "--out", str(out)) == 0
     lines = (out / "episodes.jsonl").read_text().splitlines()
     # simulate a kill during the third episode's write: a torn line
     (out / "episodes.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
-    assert run_cli("eval", "--env", "dummy:reach", "--episodes", "3", "--out", str(out), "--resume") == 0
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "3", "--out", str(out), "--resume") == 0
     info = json.loads((out / "eval_info.json").read_text())
     assert [e["seed"] for e in info["per_episode"]] == [0, 1, 2]
     assert info["aggregated"]["episodes"] == 3
@@ -104,7 +104,7 @@ def test_resume_after_kill(tmp_path):
     out = tmp_path / "ev"
     script = tmp_path / "slow_eval.py"
     script.write_text(SLOW_EVAL)
-    args = [sys.executable, str(script), "eval", "--env", "dummy:reach", "--episodes", "30", "--out", str(out)]
+    args = [sys.executable, str(script), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "30", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = out / "episodes.jsonl"
     deadline = time.monotonic() + 60

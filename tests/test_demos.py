@@ -59,7 +59,7 @@ def test_video_written_with_outcome_in_name(tmp_path):
     from vla_runtime.cli import main
 
     out = tmp_path / "ev"
-    assert main(["eval", "--env", "dummy:reach", "--episodes", "2", "--video", "1", "--out", str(out)]) == 0
+    assert main(["eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--video", "1", "--out", str(out)]) == 0
     vids = sorted((out / "videos").glob("*.mp4"))
     assert [v.name for v in vids] == ["reach__seed0__success.mp4"]
     import imageio.v2 as imageio

@@ -33,8 +33,8 @@ def _outcomes(path):
 
 def test_workers_equal_single_process(tmp_path):
     a, b = tmp_path / "single", tmp_path / "multi"
-    assert main(["eval", "--env", "dummy:reach", "--episodes", "6", "--seed", "11", "--out", str(a)]) == 0
-    assert main(["eval", "--env", "dummy:reach", "--episodes", "6", "--seed", "11", "--out", str(b),
+    assert main(["eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "6", "--seed", "11", "--out", str(a)]) == 0
+    assert main(["eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "6", "--seed", "11", "--out", str(b),
                  "--workers", "2"]) == 0
     oa, _ = _outcomes(a / "eval_info.json")
     ob, info = _outcomes(b / "eval_info.json")
@@ -47,7 +47,7 @@ def test_killed_worker_costs_only_its_episode(tmp_path):
     script.write_text(SLOW)
     out = tmp_path / "ev"
     # the spawned workers re-import the patched module through the main script's __main__ guard
-    proc = subprocess.Popen([sys.executable, str(script), "eval", "--env", "dummy:reach", "--episodes", "16",
+    proc = subprocess.Popen([sys.executable, str(script), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "16",
                              "--out", str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     jsonl = out / "episodes.jsonl"
     deadline = time.monotonic() + 90
@@ -77,7 +77,7 @@ def test_ray_actor_killed_mid_run(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "ev"
     n = 300
-    proc = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli", "eval", "--env", "dummy:reach", "--episodes",
+    proc = subprocess.Popen([sys.executable, "-m", "vla_runtime.cli", "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes",
                              str(n), "--out", str(out), "--ray", "local", "--workers", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     jsonl = out / "episodes.jsonl"

@@ -25,7 +25,7 @@ def _split(s: str) -> tuple[str, ...]:
 
 def eval(  # noqa: A001 - the verb is `eval`
     env: str = "robosuite:Lift",
-    policy: str = "scripted",
+    policy: str = "diffusion:diffusion_lift",
     episodes: int = 10,
     seed: int = 0,
     out: Path | None = None,

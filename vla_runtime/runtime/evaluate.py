@@ -24,7 +24,7 @@ from vla_runtime.runtime.loop import EpisodeResult, LoopConfig, run_episode
 from vla_runtime.runtime.metrics import percentiles, wilson_ci
 
 DEFAULT_ENV = "robosuite:Lift"
-DEFAULT_POLICY = "scripted"
+DEFAULT_POLICY = "diffusion:diffusion_lift"
 
 
 @dataclass
