@@ -22,8 +22,13 @@ def wilson_ci(successes: int, n: int, z: float = 1.959964) -> tuple[float, float
 def percentiles(values: Iterable[float], qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | None]:
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
-        return {f"p{int(q)}": None for q in qs}
-    return {f"p{int(q)}": float(np.percentile(v, q)) for q in qs}
+        return {_pname(q): None for q in qs}
+    return {_pname(q): float(np.percentile(v, q)) for q in qs}
+
+
+def _pname(q: float) -> str:
+    """50 -> 'p50', 99.9 -> 'p99_9'."""
+    return "p" + f"{q:g}".replace(".", "_")
 
 
 def summarize_latency(values: Iterable[float], prefix: str) -> dict[str, float | None]:
