@@ -200,3 +200,11 @@ def test_wall_clock_holds_while_a_slow_policy_thinks(env):
     # every inference leaves at least 2 ticks without an action; the robot held on them
     assert r.deadline_misses >= 2 * (len(r.inference_ms) - 1)
     assert all(t.action_ready or t.queue_depth == 0 for t in r.ticks)
+
+
+def test_percentile_names_do_not_collide():
+    from vla_runtime.runtime.metrics import percentiles
+
+    p = percentiles([1.0, 2.0, 3.0, 4.0, 100.0], (50, 99, 99.9))
+    assert set(p) == {"p50", "p99", "p99_9"}
+    assert p["p50"] == 3.0 and p["p99"] < p["p99_9"] < 100.0
