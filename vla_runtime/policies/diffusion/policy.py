@@ -164,9 +164,11 @@ class DiffusionPolicy:
                 f = self.model.encode(imgs.to(self.device), self.model.normalize_state(states.to(self.device)))
             for s, fs in zip(todo, f[0].float().cpu()):
                 self._feat_cache[s] = fs
-            while len(self._feat_cache) > 2 * m.obs_horizon + 2:
-                self._feat_cache.popitem(last=False)
-        return torch.stack([self._feat_cache[s] for s in steps])[None]  # (1, To, F)
+        out = torch.stack([self._feat_cache[s] for s in steps])[None]  # (1, To, F)
+        # evict the oldest entries only after reading: a frame still needed may be the oldest one
+        for old in [k for k in self._feat_cache if k not in steps][: max(0, len(self._feat_cache) - 2 * m.obs_horizon - 2)]:
+            del self._feat_cache[old]
+        return out
 
     def _preprocess(self, obs: Observation) -> torch.Tensor:
         """uint8 (H, W, 3) per camera -> uint8 (Ncam, 3, crop, crop) exactly as in training (resize, crop)."""
