@@ -194,3 +194,19 @@ def test_safety_filter_invariants(seq: list[list[float] | None], frac: float) ->
         assert np.all(out >= low) and np.all(out <= high)
         assert np.all(np.abs(out[:3] - prev[:3]) <= step[:3] + 1e-6)  # gripper (last dim) exempt
         prev = out
+
+
+def test_privileged_text_arrays_round_trip():
+    import numpy as np
+
+    from vla_runtime.bridges.protocol import ProtocolError, pack_tree, unpack_tree
+
+    arrays: dict = {}
+    tree = pack_tree({"objects": np.array([["soup", "basket"]]), "pos": np.ones(3)}, arrays)
+    back = unpack_tree(tree, arrays)
+    assert back["objects"].shape == (1, 2) and back["objects"][0, 1] == "basket"
+    assert "priv/0" in arrays and arrays["priv/0"].dtype == np.float64  # text never becomes a raw frame
+    import pytest
+
+    with pytest.raises(ProtocolError):
+        unpack_tree({"$str_array": ["a", 3], "shape": [2]}, {})

@@ -333,6 +333,8 @@ def pack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
     """
     if depth > 6:
         raise ProtocolError("bad_field", "privileged state nested too deeply")
+    if isinstance(x, np.ndarray) and x.dtype.kind in "US":  # text arrays (object names) travel as lists
+        return {"$str_array": [str(v) for v in x.reshape(-1).tolist()], "shape": list(x.shape)}
     if isinstance(x, np.ndarray):
         name = f"{PRIV_PREFIX}{len([k for k in arrays if k.startswith(PRIV_PREFIX)])}"
         arrays[name] = x
@@ -357,6 +359,13 @@ def unpack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
             if not isinstance(ref, str) or ref not in arrays or not ref.startswith(PRIV_PREFIX):
                 raise ProtocolError("bad_field", f"privileged array reference {str(ref)[:40]!r} not in the message")
             return arrays[ref]
+        if set(x) == {"$str_array", "shape"}:
+            vals, shape = x["$str_array"], x["shape"]
+            if (not isinstance(vals, list) or not all(isinstance(v, str) for v in vals)
+                    or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                    or int(np.prod(shape)) != len(vals)):
+                raise ProtocolError("bad_field", "malformed privileged text array")
+            return np.array(vals, dtype=str).reshape(shape)
         return {k: unpack_tree(v, arrays, depth + 1) for k, v in x.items()}
     if isinstance(x, list):
         return [unpack_tree(v, arrays, depth + 1) for v in x]
