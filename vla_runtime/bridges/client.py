@@ -382,6 +382,9 @@ class BridgeClient:
 
 # ----------------------------------------------------------------------------------------------- RemoteEnv
 
+RESET_TIMEOUT_S = 300.0
+
+
 class RemoteEnv(Env):
     """An Env whose simulator or robot sits behind a robot agent (`remote:tcp://HOST:PORT`)."""
 
@@ -427,7 +430,9 @@ class RemoteEnv(Env):
             raise BridgeError(e.code, f"bad observation from the agent: {e.reason}") from e
 
     def reset(self, episode: EpisodeSpec) -> Observation:
-        m = self.client.request("reset", {"episode": episode.to_dict(), "resolve_init_state": True}, expect=("obs",))
+        # a reset may build a simulator (LIBERO: seconds, minutes on a loaded machine) or home a robot arm
+        m = self.client.request("reset", {"episode": episode.to_dict(), "resolve_init_state": True}, expect=("obs",),
+                                timeout_s=max(self.client.timeout_s, RESET_TIMEOUT_S))
         return self._decode(m)
 
     def step(self, action: np.ndarray) -> StepResult:
