@@ -32,16 +32,7 @@ import numpy as np  # noqa: E402
 from vla_runtime.envs.base import EpisodeSpec  # noqa: E402
 from vla_runtime.envs.robosuite_env import TASKS, RobosuiteEnv  # noqa: E402
 from vla_runtime.policies.scripted.robosuite_experts import make_robosuite_expert  # noqa: E402
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (100 * max(0.0, c - h), 100 * min(1.0, c + h))
+from vla_runtime.runtime.metrics import wilson_ci as wilson  # noqa: E402
 
 
 def run_experts(tasks: list[str], seed: int, episodes: int, noise: float) -> dict[str, Any]:
