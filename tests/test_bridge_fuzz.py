@@ -86,7 +86,8 @@ def _agent_extras(tick: int, stamp: float, lockstep: bool) -> dict[str, Any]:
             "bad_body": bad_body, "bad_hello": bad_hello, "bad_reset": bad_reset}
 
 
-def _fuzz_agent(lockstep: bool, n: int, seed: int) -> None:
+def _fuzz_agent(lockstep: bool, n: int, seed: int) -> Counter[str]:
+    """Fuzz one agent; asserts inside, returns the count of error replies by code."""
     drv = FakeDriver()
     agent = RobotAgent(drv, free_tcp_endpoint(), lockstep=lockstep, limits=LIM, takeover_s=60.0,
                        safety=SafetyConfig(max_action_age_s=60.0)).start()
@@ -154,14 +155,15 @@ def _fuzz_agent(lockstep: bool, n: int, seed: int) -> None:
     finally:
         client.close()
         agent.stop()
+    return codes
 
 
 def test_fuzz_agent_lockstep_10k_frames() -> None:
-    _fuzz_agent(lockstep=True, n=N_AGENT, seed=0)
+    assert sum(_fuzz_agent(lockstep=True, n=N_AGENT, seed=0).values()) == N_AGENT
 
 
 def test_fuzz_agent_realtime_10k_frames() -> None:
-    _fuzz_agent(lockstep=False, n=N_AGENT, seed=1)
+    assert sum(_fuzz_agent(lockstep=False, n=N_AGENT, seed=1).values()) == N_AGENT
 
 
 def _client_extras() -> dict[str, Any]:

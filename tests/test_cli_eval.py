@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -87,24 +86,12 @@ def test_resume_after_torn_write(tmp_path):
     assert info["aggregated"]["episodes"] == 3
 
 
-SLOW_EVAL = textwrap.dedent("""
-    import sys, time
-    from vla_runtime.envs import dummy
-    _step = dummy.DummyReachEnv.step
-    def slow_step(self, a):
-        time.sleep(0.01)
-        return _step(self, a)
-    dummy.DummyReachEnv.step = slow_step
-    from vla_runtime.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
+SLOW_EVAL = Path(__file__).with_name("slow_eval.py")
 
 
 def test_resume_after_kill(tmp_path):
     out = tmp_path / "ev"
-    script = tmp_path / "slow_eval.py"
-    script.write_text(SLOW_EVAL)
-    args = [sys.executable, str(script), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "30", "--out", str(out)]
+    args = [sys.executable, str(SLOW_EVAL), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "30", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = out / "episodes.jsonl"
     deadline = time.monotonic() + 60

@@ -5,25 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import psutil
 
 from vla_runtime.cli import main
 
-SLOW = textwrap.dedent("""
-    import sys, time
-    from vla_runtime.envs import dummy
-    _step = dummy.DummyReachEnv.step
-    def slow_step(self, a):
-        time.sleep(0.02)
-        return _step(self, a)
-    dummy.DummyReachEnv.step = slow_step
-    from vla_runtime.cli import main
-    if __name__ == "__main__":
-        sys.exit(main(sys.argv[1:]))
-""")
+SLOW_EVAL = Path(__file__).with_name("slow_eval.py")
 
 
 def _outcomes(path):
@@ -43,11 +32,9 @@ def test_workers_equal_single_process(tmp_path):
 
 
 def test_killed_worker_costs_only_its_episode(tmp_path):
-    script = tmp_path / "slow_eval.py"
-    script.write_text(SLOW)
     out = tmp_path / "ev"
     # the spawned workers re-import the patched module through the main script's __main__ guard
-    proc = subprocess.Popen([sys.executable, str(script), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "16",
+    proc = subprocess.Popen([sys.executable, str(SLOW_EVAL), "eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "16",
                              "--out", str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     jsonl = out / "episodes.jsonl"
     deadline = time.monotonic() + 90
