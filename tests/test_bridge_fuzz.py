@@ -75,8 +75,9 @@ def _agent_extras(tick: int, stamp: float, lockstep: bool) -> dict[str, Any]:
         return chunk(seq, ok, b), {"bad_field"}
 
     def bad_hello(seq: int, r: random.Random) -> tuple[list[bytes], set[str]]:
-        b = r.choice([({"protocol": 2}, "bad_version"), ({}, "bad_field"), ({"protocol": "1"}, "bad_field"),
-                      ({"protocol": 1, "client": 7}, "bad_field")])
+        b = r.choice([({"protocol": P.PROTOCOL_VERSION + 1}, "bad_version"), ({"protocol": 1}, "bad_version"),
+                      ({}, "bad_field"), ({"protocol": "2"}, "bad_field"),
+                      ({"protocol": P.PROTOCOL_VERSION, "client": 7}, "bad_field")])
         return [pack(header("hello", seq, b[0]))], {b[1]}
 
     def bad_reset(seq: int, r: random.Random) -> tuple[list[bytes], set[str]]:
@@ -104,7 +105,7 @@ def _fuzz_agent(lockstep: bool, n: int, seed: int) -> Counter[str]:
         replayable = [[pack(header(k, s, b, [desc("actions", np.zeros((1, 7), np.float32))] if k == "action_chunk"
                                    else [])), *([np.zeros((1, 7), np.float32).tobytes()] if k == "action_chunk" else [])]
                       for s in range(0, spent + 1)
-                      for k, b in (("hello", {"protocol": 1}), ("action_chunk", {"start_tick": tick, "obs_stamp": stamp}),
+                      for k, b in (("hello", {"protocol": P.PROTOCOL_VERSION}), ("action_chunk", {"start_tick": tick, "obs_stamp": stamp}),
                                    ("heartbeat", {}))]
         template = ("action_chunk", {"start_tick": tick, "obs_stamp": stamp}, {"actions": np.full((1, 7), 0.1, np.float32)})
         mut = FrameMutator(seed, template, ("spec", "obs", "step", "ack", "error"), LIM, replayable,
@@ -210,7 +211,7 @@ def test_fuzz_client_10k_frames() -> None:
         hello = P.decode(frames, LIM, P.CLIENT_KINDS)
         spec = FakeDriver(image_size=16).spec()
         router.send_multipart([ident, *P.encode("spec", 1, {
-            "reply_to": hello.seq, "protocol": 1, "mode": "realtime", "robot": spec.to_dict(), "safety": {},
+            "reply_to": hello.seq, "protocol": P.PROTOCOL_VERSION, "mode": "realtime", "robot": spec.to_dict(), "safety": {},
             "agent_mono": time.monotonic()})])
         t.join(10)
         assert not errors and client.connected

@@ -85,7 +85,8 @@ LIM = Limits(max_header_bytes=1024, max_arrays=4, max_ndim=3, max_dim=1000, max_
     ([b"\xc1"], "bad_header"),
     ([pack([1, 2])], "bad_header"),
     ([pack({"kind": "obs"})], "bad_header"),
-    ([pack(header("obs", 1, v=2))], "bad_version"),
+    ([pack(header("obs", 1, v=P.PROTOCOL_VERSION + 1))], "bad_version"),
+    ([pack(header("obs", 1, v=1))], "bad_version"),
     ([pack(header("pickle", 1))], "unknown_kind"),
     ([pack(header("obs", -1))], "bad_header"),
     ([pack(header("obs", 1, body={"s": "x" * 65}))], "too_large"),
@@ -205,8 +206,86 @@ def test_privileged_text_arrays_round_trip():
     tree = pack_tree({"objects": np.array([["soup", "basket"]]), "pos": np.ones(3)}, arrays)
     back = unpack_tree(tree, arrays)
     assert back["objects"].shape == (1, 2) and back["objects"][0, 1] == "basket"
-    assert "priv/0" in arrays and arrays["priv/0"].dtype == np.float64  # text never becomes a raw frame
+    assert set(arrays) == {"priv/float64"} and arrays["priv/float64"].dtype == np.float64  # text: no raw frame
     import pytest
 
     with pytest.raises(ProtocolError):
         unpack_tree({"$str_array": ["a", 3], "shape": [2]}, {})
+
+
+def _scene_privileged(n_objects: int, rng: np.random.Generator) -> dict:
+    """A LIBERO-like privileged dict: 6 arrays per object plus robot and collision arrays (int64 included)."""
+    p: dict = {"task": "libero_object/0", "objects": np.array([f"obj_{i}" for i in range(n_objects)]),
+               "eef_pos": rng.standard_normal(3), "collision_boxes": rng.standard_normal((4 * n_objects, 15)),
+               "collision_owner": rng.integers(0, n_objects, 4 * n_objects), "flags": np.array([True, False])}
+    for i in range(n_objects):
+        for k, shape in (("pos", (3,)), ("quat", (4,)), ("aabb", (2, 3)), ("obb_rot", (3, 3)), ("obb_center", (3,)),
+                         ("obb_half", (3,))):
+            p[f"obj_{i}_{k}"] = rng.standard_normal(shape)
+    p[f"obj_0_pos"] = p["obj_0_pos"].astype(">f8")  # big-endian input is converted, values kept
+    p["empty"] = np.zeros((0, 3))
+    return p
+
+
+def test_a_scene_with_many_objects_fits_in_one_frame_per_dtype() -> None:
+    """Regression: v1 sent one frame per privileged array, so a LIBERO observation (~50 arrays) exceeded
+    max_arrays and the client dropped the reset reply (the 300 s hang). Packed, it decodes under the defaults."""
+    rng = np.random.default_rng(3)
+    priv = _scene_privileged(12, rng)  # 12 * 6 + 5 arrays: far more than max_arrays = 32
+    imgs = {c: rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for c in ("agentview", "wrist")}
+    body, arrays = P.obs_to_wire(imgs, np.zeros(8, np.float32), "x", 1.0, 0, priv)
+    assert set(arrays) == {"image/agentview", "image/wrist", "state", "priv/float64", "priv/int64", "priv/bool"}
+    frames = _bytes(P.encode("obs", 1, body, arrays, P.DEFAULT_LIMITS))
+    w = P.obs_from_wire(*(lambda m: (m.body, m.arrays))(P.decode(frames)))
+    assert set(w.privileged) == set(priv)
+    for k, v in priv.items():
+        got = w.privileged[k]
+        if isinstance(v, np.ndarray) and v.dtype.kind not in "US":
+            assert got.shape == v.shape and got.dtype == v.dtype.newbyteorder("<")
+            assert got.tobytes() == v.astype(v.dtype.newbyteorder("<")).tobytes()  # bit-exact
+            assert not got.flags.writeable  # a view of the received frame
+        elif isinstance(v, np.ndarray):
+            assert got.tolist() == v.tolist()
+        else:
+            assert got == v
+
+
+@pytest.mark.parametrize("ref", [
+    {"$view": "priv/float64", "offset": 2, "shape": [2]},  # past the end
+    {"$view": "priv/float64", "offset": -1, "shape": [1]},
+    {"$view": "priv/float64", "offset": 0, "shape": [-1]},
+    {"$view": "priv/float64", "offset": True, "shape": [1]},
+    {"$view": "priv/float64", "offset": 0, "shape": "3"},
+    {"$view": "state", "offset": 0, "shape": [1]},  # only priv/ arrays may be referenced
+    {"$view": "priv/int64", "offset": 0, "shape": [1]},  # not in the message
+])
+def test_bad_privileged_views_are_rejected(ref: dict) -> None:
+    arrays = {"priv/float64": np.zeros(3), "state": np.zeros(8, np.float32)}
+    with pytest.raises(ProtocolError) as e:
+        P.unpack_tree({"x": ref}, arrays)
+    assert e.value.code == "bad_field"
+
+
+def test_encode_with_limits_refuses_what_the_receiver_would_drop() -> None:
+    arrays = {f"a{i}": np.zeros(1, np.uint8) for i in range(LIM.max_arrays + 1)}
+    with pytest.raises(ProtocolError) as e:
+        P.encode("obs", 1, {}, arrays, LIM)
+    assert e.value.code == "too_large"
+    with pytest.raises(ProtocolError) as e:
+        P.encode("obs", 1, {}, {"x": np.zeros(LIM.max_array_bytes + 1, np.uint8)}, LIM)
+    assert e.value.code in ("too_large", "bad_shape")
+    with pytest.raises(ProtocolError) as e:
+        P.encode("obs", 1, {"pad": "x" * 60, "p2": ["y" * 60] * 20}, None, LIM)
+    assert e.value.code == "header_too_large"
+    ok = P.encode("obs", 1, {}, {f"a{i}": np.zeros(1, np.uint8) for i in range(LIM.max_arrays)}, LIM)
+    assert len(P.decode(_bytes(ok), LIM).arrays) == LIM.max_arrays  # the same limit on both sides
+
+
+def test_peek_reply_to_reads_the_header_of_a_rejected_message() -> None:
+    too_many = _bytes(P.encode("obs", 5, {"reply_to": 9}, {f"a{i}": np.zeros(1, np.uint8) for i in range(5)}))
+    with pytest.raises(ProtocolError):
+        P.decode(too_many, LIM)
+    assert P.peek_reply_to(too_many, LIM) == 9
+    assert P.peek_reply_to(_bytes(P.encode("obs", 5, {})), LIM) is None
+    assert P.peek_reply_to([b"\xc1"], LIM) is None
+    assert P.peek_reply_to([pack(header("obs", 1, body={"reply_to": True}))], LIM) is None

@@ -359,8 +359,20 @@ class RobotAgent:
     def _send(self, identity: bytes, kind: str, body: dict[str, Any] | None = None,
               arrays: dict[str, np.ndarray] | None = None) -> None:
         assert self._sock is not None
+        try:
+            # checked against the limits the agent advertised: a reply the client would drop (and so wait
+            # for until its timeout) becomes an error it can read instead
+            frames = P.encode(kind, self._seq + 1, body, arrays, self.limits)
+        except ProtocolError as e:
+            if kind == "error":
+                raise
+            log.error("cannot send %s: %s", kind, e)
+            self.stats["dropped"][f"tx_{e.code}"] += 1
+            reply_to = (body or {}).get("reply_to")
+            self._send_error(identity, ProtocolError(e.code, f"the agent's {kind} cannot be sent: {e.reason}"),
+                             reply_to if isinstance(reply_to, int) else None)
+            return
         self._seq += 1
-        frames = P.encode(kind, self._seq, body, arrays)
         try:
             self._sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
             self.stats["tx"][kind] += 1
@@ -398,6 +410,11 @@ class RobotAgent:
         except ProtocolError as e:
             self.stats["dropped"][e.code] += 1
             self._send_error(identity, e, seq)
+        except Exception as e:  # an agent bug must answer the request, not kill the loop or leave it unanswered
+            log.exception("agent failed to handle a message")
+            self.stats["dropped"]["internal"] += 1
+            self._episode_active = False
+            self._send_error(identity, ProtocolError("internal", f"{type(e).__name__}: {str(e)[:300]}"), seq)
 
     def _check_session(self, identity: bytes, msg: P.Message, now: float) -> None:
         s = self._session
@@ -457,6 +474,8 @@ class RobotAgent:
             log.warning("reset failed: %s", e)
             self._episode_active = False
             raise ProtocolError("bad_episode", f"{type(e).__name__}: {str(e)[:300]}") from e
+        if self._session is not None:  # the watchdog window starts with the episode, not before the reset
+            self._session.last_rx = time.monotonic()
         self._tick = 0
         self._episode_active = True
         self._episodes += 1

@@ -52,6 +52,11 @@ class BridgeTimeout(BridgeError):
 _AUTH_EVENTS = 0
 for _name in ("EVENT_HANDSHAKE_FAILED_AUTH", "EVENT_HANDSHAKE_FAILED_PROTOCOL", "EVENT_HANDSHAKE_FAILED_NO_DETAIL"):
     _AUTH_EVENTS |= int(getattr(zmq, _name, 0))
+_LINK_EVENTS = int(zmq.EVENT_CONNECTED) | int(zmq.EVENT_DISCONNECTED)
+
+# A request whose connection dropped is failed when the agent does not come back within this time: a crashed
+# agent (a simulator segfault during a long reset) is reported in seconds, not at the request's timeout.
+LINK_LOST_GRACE_S = 5.0
 
 
 class BridgeClient:
@@ -76,13 +81,17 @@ class BridgeClient:
         self._lock = threading.RLock()
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self._link_down_since: float | None = None  # when the TCP/IPC connection to the agent dropped
+        self._hb_paused = 0  # > 0 while a request the agent serves without reading its socket is outstanding
         self._seq = 0
         self._last_rx_seq = -1
         self._last_tx = 0.0
         self._replies: dict[int, P.Message] = {}
+        self._rejected: dict[int, tuple[str, str]] = {}  # request seq -> (code, reason) of a reply we dropped
         self._latest_obs: P.Message | None = None
         self.async_errors: list[tuple[str, str]] = []  # errors that answered no particular request
-        self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter()}
+        self.stats: dict[str, Counter[str]] = {"rx": Counter(), "dropped": Counter(), "tx": Counter(),
+                                              "link": Counter()}
         self.spec_body: dict[str, Any] = {}
         self.robot: RobotSpec | None = None
         self.clock_offset = 0.0  # local monotonic - agent monotonic (s)
@@ -109,13 +118,15 @@ class BridgeClient:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
             sock.curve_serverkey = server_public
-            if _AUTH_EVENTS:
-                self._monitor = sock.get_monitor_socket(_AUTH_EVENTS)
+        if not self.address.startswith("inproc://"):  # link events (and CURVE refusals) for fail-fast waits
+            self._monitor = sock.get_monitor_socket(_LINK_EVENTS | (_AUTH_EVENTS if self.keys_dir else 0))
+        self._link_down_since = None
         sock.connect(self.address)
         self._sock = sock
         self._seq = 0
         self._last_rx_seq = -1
         self._replies.clear()
+        self._rejected.clear()
         self._latest_obs = None
 
     def _close_socket(self) -> None:
@@ -246,7 +257,7 @@ class BridgeClient:
 
     def _maybe_heartbeat(self) -> None:
         """Send a heartbeat if nothing was sent for `heartbeat_s` (caller holds the lock)."""
-        if self.connected and time.monotonic() - self._last_tx >= self.heartbeat_s:
+        if self.connected and not self._hb_paused and time.monotonic() - self._last_tx >= self.heartbeat_s:
             try:
                 self._send("heartbeat", {})
             except BridgeError as e:  # e.g. send queue full while the agent is away: retried next time
@@ -277,19 +288,31 @@ class BridgeClient:
         with self._lock:
             if self._sock is None:
                 raise BridgeError("closed", "the bridge client is closed")
-            if self._monitor is not None and self._monitor.poll(0):
-                from zmq.utils.monitor import recv_monitor_message
-
-                ev = recv_monitor_message(self._monitor)
-                if int(ev["event"]) & _AUTH_EVENTS:
-                    raise BridgeError("auth", f"CURVE handshake with {self.address} refused: this client's public "
-                                              "key is not in the agent's authorized_clients, or server.public is wrong")
+            self._read_link_events()
             self._maybe_heartbeat()
             if not self._sock.poll(int(max(0.0, timeout_s) * 1e3), zmq.POLLIN):
                 return False
             frames = self._sock.recv_multipart(copy=False)
         self._route(frames)
         return True
+
+    def _read_link_events(self) -> None:
+        """Drain the socket monitor: CURVE refusals raise 'auth'; drops and reconnects update the link state."""
+        if self._monitor is None:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            ev = int(recv_monitor_message(self._monitor)["event"])
+            if self.keys_dir is not None and ev & _AUTH_EVENTS:
+                raise BridgeError("auth", f"CURVE handshake with {self.address} refused: this client's public "
+                                          "key is not in the agent's authorized_clients, or server.public is wrong")
+            if ev == zmq.EVENT_DISCONNECTED:
+                self.stats["link"]["disconnected"] += 1
+                if self._link_down_since is None:
+                    self._link_down_since = time.monotonic()
+            elif ev == zmq.EVENT_CONNECTED:
+                self._link_down_since = None
 
     def _route(self, frames: list[Any]) -> None:
         try:
@@ -303,7 +326,14 @@ class BridgeClient:
                 P.obs_from_wire(msg.body, msg.arrays)  # validate before it can become the latest observation
         except ProtocolError as e:
             self.stats["dropped"][e.code] += 1
-            log.debug("dropped a message from the agent: %s", e)
+            # A correct agent never sends an invalid message: say so once per reason (a flood stays quiet)
+            (log.warning if self.stats["dropped"][e.code] == 1 else log.debug)(
+                "dropped a message from the agent: %s", e)
+            reply_to = P.peek_reply_to(frames, self.limits)
+            if reply_to is not None:  # it answered a request: fail that request now, not at its timeout
+                self._rejected[reply_to] = (e.code, e.reason)
+                while len(self._rejected) > 64:
+                    del self._rejected[next(iter(self._rejected))]
             return
         self._last_rx_seq = msg.seq
         self.stats["rx"][msg.kind] += 1
@@ -333,16 +363,37 @@ class BridgeClient:
                     self.stats["dropped"]["unexpected_reply"] += 1
                     raise BridgeError("bad_field", f"expected {'/'.join(expect)} in reply, got {msg.kind}")
                 return msg
+            rejected = self._rejected.pop(seq, None)
+            if rejected is not None:
+                raise BridgeError(rejected[0], f"the agent's reply was invalid and dropped by this client: "
+                                               f"{rejected[1]}")
+            down = self._link_down_since
+            if down is not None and self.connected and time.monotonic() - down > LINK_LOST_GRACE_S:
+                raise BridgeError("closed", f"lost the connection to the agent at {self.address} while waiting for "
+                                            f"its reply, and it did not come back within {LINK_LOST_GRACE_S:.0f} s "
+                                            "(agent crashed or stopped? see its log)")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BridgeTimeout(f"no reply from {self.address} within {timeout_s:.1f} s")
             self._pump(min(remaining, 0.02))
 
     def request(self, kind: str, body: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
-                expect: tuple[str, ...] = (), timeout_s: float | None = None) -> P.Message:
-        """Send and wait for the reply (raises BridgeError on an error reply, BridgeTimeout on silence)."""
-        seq = self._send(kind, body, arrays)
-        return self._wait_reply(seq, self.timeout_s if timeout_s is None else timeout_s, expect)
+                expect: tuple[str, ...] = (), timeout_s: float | None = None, heartbeats: bool = True) -> P.Message:
+        """Send and wait for the reply (raises BridgeError on an error reply, BridgeTimeout on silence).
+
+        `heartbeats=False` for a request the agent serves without reading its socket (a reset builds a
+        simulator or homes an arm for seconds to minutes, and no watchdog runs meanwhile): heartbeats sent
+        then would only pile up in the agent's queue, and a realtime client's (every few ms) would fill the
+        send queue until sends fail.
+        """
+        if not heartbeats:
+            self._hb_paused += 1
+        try:
+            seq = self._send(kind, body, arrays)
+            return self._wait_reply(seq, self.timeout_s if timeout_s is None else timeout_s, expect)
+        finally:
+            if not heartbeats:
+                self._hb_paused -= 1
 
     def poll_reply(self, seq: int) -> P.Message | None:
         """The reply to `seq` if it arrived (non-blocking), e.g. the ack of an async chunk."""
@@ -432,7 +483,7 @@ class RemoteEnv(Env):
     def reset(self, episode: EpisodeSpec) -> Observation:
         # a reset may build a simulator (LIBERO: seconds, minutes on a loaded machine) or home a robot arm
         m = self.client.request("reset", {"episode": episode.to_dict(), "resolve_init_state": True}, expect=("obs",),
-                                timeout_s=max(self.client.timeout_s, RESET_TIMEOUT_S))
+                                timeout_s=max(self.client.timeout_s, RESET_TIMEOUT_S), heartbeats=False)
         return self._decode(m)
 
     def step(self, action: np.ndarray) -> StepResult:

@@ -20,7 +20,9 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# 2: privileged arrays travel packed, one frame per dtype, referenced as {"$view": ...} slices (v1 sent one
+# frame per array, so a LIBERO observation (~50 arrays) exceeded max_arrays and was dropped by the client).
+PROTOCOL_VERSION = 2
 
 # Message kinds. client -> agent: hello, reset, action_chunk, heartbeat, bye.
 # agent -> client: spec, obs, step, ack, error, bye.
@@ -131,10 +133,13 @@ def _dtype_name(a: np.ndarray) -> str:
 
 
 def encode(kind: str, seq: int, body: dict[str, Any] | None = None,
-           arrays: dict[str, np.ndarray] | None = None) -> list[Any]:
+           arrays: dict[str, np.ndarray] | None = None, limits: Limits | None = None) -> list[Any]:
     """Frames for one message: [header bytes, array buffers...]. Send with `send_multipart(frames, copy=False)`.
 
     The array frames are the (contiguous) numpy arrays themselves, so zmq sends them without a copy.
+    With `limits`, a message the receiver would reject for its size (array count, header, array or message
+    bytes, dims) raises ProtocolError here instead: a sender learns of it at once, and can answer with an
+    error the peer can read, rather than the peer silently dropping the message.
     """
     if kind not in KINDS:
         raise ProtocolError("unknown_kind", f"cannot encode kind {kind!r}")
@@ -146,7 +151,28 @@ def encode(kind: str, seq: int, body: dict[str, Any] | None = None,
         frames.append(w if w.nbytes else b"")
     header = {"v": PROTOCOL_VERSION, "kind": kind, "seq": int(seq), "t_mono": time.monotonic(),
               "t_wall": time.time(), "arrays": descs, "body": body or {}}
-    return [msgpack.packb(header, use_bin_type=True), *frames]
+    raw = msgpack.packb(header, use_bin_type=True)
+    if limits is not None:
+        check_size(raw, descs, limits, kind)
+    return [raw, *frames]
+
+
+def check_size(raw_header: bytes, descs: list[list[Any]], limits: Limits, kind: str = "message") -> None:
+    """The size checks `decode` applies, on a message about to be sent (ProtocolError too_large / ...)."""
+    if len(descs) > limits.max_arrays:
+        raise ProtocolError("too_large", f"{kind} has {len(descs)} arrays, more than max_arrays {limits.max_arrays}")
+    if len(raw_header) > limits.max_header_bytes:
+        raise ProtocolError("header_too_large", f"{kind} header of {len(raw_header)} bytes exceeds "
+                                                f"{limits.max_header_bytes}")
+    total = len(raw_header)
+    for name, _, shape, nbytes in descs:
+        if len(shape) > limits.max_ndim or any(d > limits.max_dim for d in shape):
+            raise ProtocolError("bad_shape", f"{kind} array {name!r} of shape {shape} exceeds the shape limits")
+        if nbytes > limits.max_array_bytes:
+            raise ProtocolError("too_large", f"{kind} array {name!r}: {nbytes} bytes exceeds {limits.max_array_bytes}")
+        total += nbytes
+    if total > limits.max_message_bytes:
+        raise ProtocolError("too_large", f"{kind} of {total} bytes exceeds {limits.max_message_bytes}")
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -185,14 +211,7 @@ def _frame_bytes(f: Any) -> memoryview | bytes:
     raise ProtocolError("bad_header", f"frame of type {type(f).__name__}")
 
 
-def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, allowed_kinds: Iterable[str] | None = None
-           ) -> Message:
-    """Validate and decode one message (frames without any ROUTER identity). Raises ProtocolError."""
-    if len(frames) < 1:
-        raise ProtocolError("frame_count", "empty message")
-    if len(frames) > limits.max_arrays + 1:
-        raise ProtocolError("frame_count", f"{len(frames)} frames exceeds {limits.max_arrays + 1}")
-    raw = _frame_bytes(frames[0])
+def _decode_header(raw: memoryview | bytes, limits: Limits) -> dict[str, Any]:
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError("header_too_large", f"header of {len(raw)} bytes exceeds {limits.max_header_bytes}")
     try:
@@ -208,6 +227,36 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, allowed_kinds
         raise ProtocolError("bad_header", f"header is not valid msgpack: {type(e).__name__}: {str(e)[:80]}") from e
     if not isinstance(h, dict):
         raise ProtocolError("bad_header", f"header must be a map, got {type(h).__name__}")
+    return h
+
+
+def peek_reply_to(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> int | None:
+    """`body.reply_to` of a message that `decode` rejected, if its header alone is readable (else None).
+
+    Lets a client fail the request a rejected reply answered, at once and with the rejection's reason,
+    instead of waiting out the request's timeout. Same limits as `decode`; arrays are not touched.
+    """
+    try:
+        if not frames:
+            return None
+        h = _decode_header(_frame_bytes(frames[0]), limits)
+        _check_tree(h, limits)
+    except ProtocolError:
+        return None
+    body = h.get("body")
+    r = body.get("reply_to") if isinstance(body, dict) else None
+    return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else None
+
+
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, allowed_kinds: Iterable[str] | None = None
+           ) -> Message:
+    """Validate and decode one message (frames without any ROUTER identity). Raises ProtocolError."""
+    if len(frames) < 1:
+        raise ProtocolError("frame_count", "empty message")
+    if len(frames) > limits.max_arrays + 1:
+        raise ProtocolError("frame_count", f"{len(frames)} frames exceeds {limits.max_arrays + 1}")
+    raw = _frame_bytes(frames[0])
+    h = _decode_header(raw, limits)
     v = h.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError("bad_header", "header field 'v' (protocol version) missing or not an int")
@@ -326,35 +375,85 @@ IMAGE_PREFIX = "image/"
 PRIV_PREFIX = "priv/"
 
 
-def pack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
-    """Privileged simulator state -> plain body tree; numpy arrays go to `arrays` as {'$array': name} refs.
+class PrivPacker:
+    """Collects the privileged state's numpy arrays into one flat array per dtype ("priv/<dtype>").
+
+    Why: a simulator's privileged state holds many small arrays (LIBERO-Object: ~50 poses and boxes). One
+    frame each would exceed `max_arrays` (and cost a zmq frame per 3 floats); packed, an observation has at
+    most one privileged frame per dtype however many objects the scene holds. The copy is small (poses), and
+    the receiver gets read-only zero-copy views into the received frame.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self._sizes: dict[str, int] = {}
+
+    def add(self, a: np.ndarray) -> dict[str, Any]:
+        w = _as_wire_array("privileged", a)
+        dname = _dtype_name(w)
+        off = self._sizes.get(dname, 0)
+        self._parts.setdefault(dname, []).append(w.reshape(-1))
+        self._sizes[dname] = off + w.size
+        return {"$view": f"{PRIV_PREFIX}{dname}", "offset": off, "shape": list(w.shape)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{PRIV_PREFIX}{d}": np.concatenate(parts) for d, parts in self._parts.items()}  # each (n_d,)
+
+
+def pack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0, packer: PrivPacker | None = None) -> Any:
+    """Privileged simulator state -> plain body tree; numpy arrays become {'$view': ...} slices of the packed
+    "priv/<dtype>" arrays, which are added to `arrays`.
 
     Exact: float64 arrays and Python floats round-trip bit for bit (needed for lockstep == in-process).
     """
+    if packer is None:
+        packer = PrivPacker()
+        tree = pack_tree(x, arrays, depth, packer)
+        arrays.update(packer.arrays())
+        return tree
     if depth > 6:
         raise ProtocolError("bad_field", "privileged state nested too deeply")
     if isinstance(x, np.ndarray) and x.dtype.kind in "US":  # text arrays (object names) travel as lists
         return {"$str_array": [str(v) for v in x.reshape(-1).tolist()], "shape": list(x.shape)}
     if isinstance(x, np.ndarray):
-        name = f"{PRIV_PREFIX}{len([k for k in arrays if k.startswith(PRIV_PREFIX)])}"
-        arrays[name] = x
-        return {"$array": name}
+        return packer.add(x)
     if isinstance(x, np.generic):
         return x.item()
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     if isinstance(x, (list, tuple)):
-        return [pack_tree(v, arrays, depth + 1) for v in x]
+        return [pack_tree(v, arrays, depth + 1, packer) for v in x]
     if isinstance(x, dict):
-        return {str(k): pack_tree(v, arrays, depth + 1) for k, v in x.items()}
+        return {str(k): pack_tree(v, arrays, depth + 1, packer) for k, v in x.items()}
     raise ProtocolError("bad_field", f"privileged value of type {type(x).__name__} cannot be sent")
+
+
+def _view(x: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Resolve {"$view": "priv/<dtype>", "offset": k, "shape": [...]}: a read-only view, bounds-checked."""
+    ref, off, shape = x["$view"], x["offset"], x["shape"]
+    if not isinstance(ref, str) or ref not in arrays or not ref.startswith(PRIV_PREFIX):
+        raise ProtocolError("bad_field", f"privileged array reference {str(ref)[:40]!r} not in the message")
+    flat = arrays[ref]
+    if flat.ndim != 1:
+        raise ProtocolError("bad_shape", f"packed privileged array {ref!r} must be 1-D")
+    if not isinstance(off, int) or isinstance(off, bool) or off < 0:
+        raise ProtocolError("bad_field", "privileged view offset must be an int >= 0")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ProtocolError("bad_field", "privileged view shape must be a list of at most 8 ints >= 0")
+    n = math.prod(shape)
+    if off + n > flat.shape[0]:
+        raise ProtocolError("bad_field", f"privileged view [{off}, {off + n}) outside {ref!r} of {flat.shape[0]}")
+    return flat[off:off + n].reshape(shape)
 
 
 def unpack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
     if depth > 8:
         raise ProtocolError("bad_field", "privileged state nested too deeply")
     if isinstance(x, dict):
-        if set(x) == {"$array"}:
+        if set(x) == {"$view", "offset", "shape"}:
+            return _view(x, arrays)
+        if set(x) == {"$array"}:  # a whole array frame (simple senders may use it for a few arrays)
             ref = x["$array"]
             if not isinstance(ref, str) or ref not in arrays or not ref.startswith(PRIV_PREFIX):
                 raise ProtocolError("bad_field", f"privileged array reference {str(ref)[:40]!r} not in the message")
@@ -374,7 +473,7 @@ def unpack_tree(x: Any, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
 
 def obs_to_wire(images: dict[str, np.ndarray], state: np.ndarray, instruction: str, stamp: float, tick: int,
                 privileged: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The 'obs' body + arrays: image/<camera> uint8 (H, W, 3), state float32 (S,), priv/<i> refs."""
+    """The 'obs' body + arrays: image/<camera> uint8 (H, W, 3), state float32 (S,), priv/<dtype> (n,) packed."""
     arrays: dict[str, np.ndarray] = {f"{IMAGE_PREFIX}{cam}": np.asarray(img) for cam, img in images.items()}
     arrays["state"] = np.asarray(state, dtype=np.float32)
     priv = pack_tree(privileged, arrays)

@@ -159,7 +159,7 @@ class FrameMutator:
             x = r.choice([[1, 2, 3], 7, "hello", None, True, 1.5, [h]])
             return cat, [pack(x)], {"bad_header"}
         if cat == "bad_version":
-            h["v"] = r.choice([0, 2, 99, -1, 2**40])
+            h["v"] = r.choice([0, 1, P.PROTOCOL_VERSION + 1, 99, -1, 2**40])  # 1: the previous version
             return cat, [pack(h), *data], {"bad_version"}
         if cat == "unknown_kind":
             h["kind"] = r.choice([*self.wrong_kinds, "pickle", "", "HELLO", "x" * 100])
