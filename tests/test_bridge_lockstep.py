@@ -75,6 +75,9 @@ def test_lockstep_eval_over_the_bridge_equals_in_process() -> None:
         assert all(t["steps"][-1]["success"] for t in ref)  # the expert solves every episode: a real trajectory
         assert agent.summary()["safety"] == {k: 0 for k in agent.summary()["safety"]}  # no intervention altered it
         assert len(agent.commands) == total
+        st = remote.bridge_stats()  # every step timed; the agent's share is inside the round trip
+        assert st["steps"] == total and st["resets"] == 8 and st["dropped"] == {}
+        assert 0 <= st["bridge_ms"]["p50"] <= st["round_trip_ms"]["p50"] and st["agent_ms"]["p50"] > 0
     finally:
         remote.close()
         agent.stop()

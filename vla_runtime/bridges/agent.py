@@ -463,6 +463,7 @@ class RobotAgent:
             "agent_mono": time.monotonic(), "tick": self._tick, "episode_active": self._episode_active})
 
     def _on_reset(self, identity: bytes, msg: P.Message) -> None:
+        received = time.monotonic()
         ep = dict(P.req_field(msg.body, "episode", dict, "reset"))
         self._accept(msg, time.monotonic())
         ep["resolve_init_state"] = bool(msg.body.get("resolve_init_state", False))
@@ -483,6 +484,7 @@ class RobotAgent:
         self._next_deadline = time.monotonic() + self.period
         body, arrays = self._obs_payload(obs)
         body["reply_to"] = msg.seq
+        body["agent_ms"] = (time.monotonic() - received) * 1e3
         self._send(identity, "obs", body, arrays)
 
     def _obs_payload(self, obs: Observation) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -521,7 +523,7 @@ class RobotAgent:
         a, start, stamp = self._validate_chunk(msg)  # invalid chunks do not refresh the watchdog
         self._accept(msg, now)
         if self.lockstep:
-            self._run_lockstep(identity, msg, a, start, stamp)
+            self._run_lockstep(identity, msg, a, start, stamp, now)
             return
         # realtime: queue by tick; the newest chunk replaces the queued future from its first tick on
         if start > self._tick + self.limits.max_horizon:  # bounds the queue: no plans for the far future
@@ -547,7 +549,8 @@ class RobotAgent:
         self._send(identity, "ack", {"reply_to": msg.seq, "accepted": a.shape[0] - passed, "dropped": passed,
                                      "tick": self._tick})
 
-    def _run_lockstep(self, identity: bytes, msg: P.Message, a: np.ndarray, start: int, stamp: float) -> None:
+    def _run_lockstep(self, identity: bytes, msg: P.Message, a: np.ndarray, start: int, stamp: float,
+                      received: float) -> None:
         if start != self._tick:
             self.safety.count("tick_passed" if start < self._tick else "rejected_chunk")
             raise ProtocolError("stale", f"lockstep chunk starts at tick {start}, the robot is at tick {self._tick}")
@@ -573,7 +576,8 @@ class RobotAgent:
         o = self._last_outcome
         step_body = {"reply_to": msg.seq, "obs": body, "result": {
             "executed": len(rewards), "rewards": rewards, "reward": o.reward, "success": o.success, "done": o.done,
-            "info": P.plain(o.info)}, "safety": {k: after[k] - before[k] for k in after}, "safety_total": after}
+            "info": P.plain(o.info)}, "safety": {k: after[k] - before[k] for k in after}, "safety_total": after,
+            "agent_ms": (time.monotonic() - received) * 1e3}  # time spent in the agent: the rest is transport
         self._send(identity, "step", step_body, arrays)
 
     # ------------------------------------------------------------------------------------- realtime tick

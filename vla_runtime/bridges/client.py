@@ -434,6 +434,15 @@ class BridgeClient:
 # ----------------------------------------------------------------------------------------------- RemoteEnv
 
 RESET_TIMEOUT_S = 300.0
+STATS_ENV = "VLA_RUNTIME_BRIDGE_STATS"  # RemoteEnv.close() writes bridge_stats() as JSON to this path if set
+
+
+def _pcts(v: list[float]) -> dict[str, float | None]:
+    if not v:
+        return {"p50": None, "p99": None, "max": None}
+    a = np.asarray(v)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+            "max": round(float(a.max()), 3)}
 
 
 class RemoteEnv(Env):
@@ -457,6 +466,11 @@ class RemoteEnv(Env):
         self._tick = 0
         self._agent_stamp = 0.0
         self.last_safety: dict[str, Any] = {}
+        # lockstep timings (ms), for bridge_stats(): step() round trip, and the part the agent reported
+        # spending on it (simulator step, safety, encoding); their difference is the bridge's own cost
+        self._rtt_ms: list[float] = []
+        self._agent_ms: list[float] = []
+        self._reset_ms: list[float] = []
         # realtime: the agent paces the episode (step() returns when the robot has moved one tick), so a
         # runtime loop should not pace again on top (use the unpaced clock, or the wall clock knowingly)
         self.paces_itself = self.mode == "realtime"
@@ -482,16 +496,24 @@ class RemoteEnv(Env):
 
     def reset(self, episode: EpisodeSpec) -> Observation:
         # a reset may build a simulator (LIBERO: seconds, minutes on a loaded machine) or home a robot arm
+        t0 = time.perf_counter()
         m = self.client.request("reset", {"episode": episode.to_dict(), "resolve_init_state": True}, expect=("obs",),
                                 timeout_s=max(self.client.timeout_s, RESET_TIMEOUT_S), heartbeats=False)
+        self._reset_ms.append((time.perf_counter() - t0) * 1e3)
         return self._decode(m)
 
     def step(self, action: np.ndarray) -> StepResult:
         a = np.asarray(action, np.float32).reshape(1, -1)  # (1, A)
         if self.mode == "lockstep":
+            t0 = time.perf_counter()
             seq = self.client.send_chunk(a, self._agent_stamp, self._tick)
             m = self.client._wait_reply(seq, self.client.timeout_s, expect=("step",))
             obs = self._decode(m)
+            rtt = (time.perf_counter() - t0) * 1e3
+            agent_ms = m.body.get("agent_ms")
+            if isinstance(agent_ms, (int, float)) and not isinstance(agent_ms, bool) and len(self._rtt_ms) < 1_000_000:
+                self._rtt_ms.append(rtt)
+                self._agent_ms.append(float(agent_ms))
             r = m.body.get("result", {})
             self.last_safety = m.body.get("safety", {})
             return StepResult(obs, float(r.get("reward", 0.0)), bool(r.get("success", False)), bool(r.get("done", False)),
@@ -530,5 +552,27 @@ class RemoteEnv(Env):
         """The newest streamed observation (realtime mode) with tick > after_tick."""
         return self._decode(self.client.recv_obs(timeout_s, after_tick))
 
+    def bridge_stats(self) -> dict[str, Any]:
+        """Lockstep step() timings (ms): round trip (send -> decoded reply), the agent's share, and the bridge's
+        own cost (round trip minus the agent's share: encoding, two hops, decoding), plus reset times."""
+        rtt, agent = np.asarray(self._rtt_ms), np.asarray(self._agent_ms)
+        return {"address": self.address, "mode": self.mode, "steps": int(rtt.size), "resets": len(self._reset_ms),
+                "round_trip_ms": _pcts(self._rtt_ms), "agent_ms": _pcts(self._agent_ms),
+                "bridge_ms": _pcts((rtt - agent).tolist()), "reset_ms": _pcts(self._reset_ms),
+                "dropped": dict(self.client.stats["dropped"]), "link": dict(self.client.stats["link"])}
+
     def close(self) -> None:
+        """Close the connection; report bridge_stats() on stderr (and to $VLA_RUNTIME_BRIDGE_STATS if set)."""
         self.client.close()
+        if self._rtt_ms or self._reset_ms:
+            import json
+            import sys
+
+            st = self.bridge_stats()
+            print(f"bridge {self.address}: {st['steps']} steps, round trip p50 {st['round_trip_ms']['p50']} ms "
+                  f"p99 {st['round_trip_ms']['p99']} ms, of which bridge p50 {st['bridge_ms']['p50']} ms "
+                  f"p99 {st['bridge_ms']['p99']} ms; {st['resets']} resets, max {st['reset_ms']['max']} ms",
+                  file=sys.stderr)
+            path = os.environ.get(STATS_ENV)
+            if path:
+                Path(path).write_text(json.dumps(st, indent=1))
