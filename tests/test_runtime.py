@@ -208,3 +208,85 @@ def test_percentile_names_do_not_collide():
     p = percentiles([1.0, 2.0, 3.0, 4.0, 100.0], (50, 99, 99.9))
     assert set(p) == {"p50", "p99", "p99_9"}
     assert p["p50"] == 3.0 and p["p99"] < p["p99_9"] < 100.0
+
+
+class ObservingPolicy(ChunkPolicy):
+    """A ChunkPolicy with the optional observe() hook: records every observation the loop feeds it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.observed: list[int] = []
+
+    def reset(self, instruction: str) -> None:
+        super().reset(instruction)
+        self.observed = []
+
+    def observe(self, obs: Observation) -> None:
+        self.observed.append(int(obs.step))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_observe_hook_sees_every_tick(env, mode):
+    pol = ObservingPolicy(chunk=8, n_exec=8)
+    r = run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode=mode, latency_ms=120.0, max_steps=30))
+    assert pol.observed == list(range(r.steps))  # every tick's observation, in order, acting or not
+    assert len(pol.calls) < r.steps
+
+
+def test_adaptive_trigger_removes_stalls_that_a_fixed_trigger_leaves(env):
+    # 180 ms at 50 ms periods: a chunk is ready 3 ticks after its observation; a fixed trigger of 1 is too late.
+    pol = ChunkPolicy(chunk=16, n_exec=8)
+    fixed = run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=60,
+                                                         async_trigger=1, adaptive_trigger=False))
+    adaptive = run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0,
+                                                            max_steps=60, async_trigger=1))
+    assert fixed.stall_ticks > 0
+    assert adaptive.stall_ticks == 0
+    assert adaptive.to_record()["stall_ticks"] == 0
+
+
+def test_async_executes_at_most_the_trained_horizon_of_each_chunk(env):
+    # chunk 16, n_exec 4, latency 3 ticks: each chunk is aligned to its observation (3 actions dropped) and gives
+    # at most max(4, 3 + 1) = 4 actions, never its far tail (indices >= 3 + 4).
+    pol = ChunkPolicy(chunk=16, n_exec=4)
+    executed: list[np.ndarray] = []
+    orig_step = env.step
+
+    def spy(a):
+        executed.append(np.array(a))
+        return orig_step(a)
+
+    env.step = spy
+    try:
+        run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
+                                                     future_state=False))
+    finally:
+        env.step = orig_step
+    idx = [round(a[1] / 0.01) for a in executed if np.any(a[:6] != 0)]
+    assert idx and max(idx) < 3 + 4
+    assert min(idx[4:]) >= 3  # after the first chunk, actions due during inference were dropped
+
+
+def test_event_reaction_metric_by_hand():
+    from vla_runtime.runtime.loop import EpisodeResult
+
+    spec = EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=0)
+    r = EpisodeResult(spec=spec, success=False, steps=16, ticks=[], inference_ms=[], reaction_ms=[], chunk_infos=[],
+                      wall_s=1.0, chunk_starts=[(0, 0), (8, 8)], period_ms=50.0)
+    # t=0 -> obs 0 acts at tick 0 (1 tick); t=1..8 -> obs 8 acts at tick 8 (8..1 ticks); t>8 has no later chunk
+    assert r.event_reaction_ms(50.0) == pytest.approx(50.0 * (1 + sum(range(1, 9))) / 9)
+    # an observation's chunk that starts executing after a later observation's chunk: the earlier action counts
+    r.chunk_starts = [(0, 5), (2, 3)]
+    r.steps = 3
+    assert r.event_reaction_ms(50.0) == pytest.approx(50.0 * ((3 - 0 + 1) + (3 - 1 + 1) + (3 - 2 + 1)) / 3)
+
+
+def test_async_back_to_back_reacts_faster_than_sync(env):
+    pol = ChunkPolicy(chunk=16, n_exec=8)
+    cfg = dict(clock="sim", latency_ms=40.0, max_steps=64)
+    sync = run_episode(env, pol, spec0(env), LoopConfig(**cfg))
+    b2b = run_episode(env, pol, spec0(env), LoopConfig(mode="async", async_trigger=16, **cfg))
+    s, a = sync.event_reaction_ms(50.0), b2b.event_reaction_ms(50.0)
+    assert a is not None and s is not None
+    assert s / a > 3.0  # sync waits for the 8-action chunk to finish; back-to-back replans every tick
+    assert b2b.stall_ticks == 0

@@ -239,6 +239,7 @@ def bench(
     out: Path | None = None,
     steps: int = 200,
     threads: int | None = None,
+    sampler: str = "",
 ) -> None:
     """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
 
@@ -251,11 +252,12 @@ def bench(
         out: output directory for bench.json.
         steps: steps for micro-benchmarks.
         threads: torch intra-op threads.
+        sampler: diffusion sampler for every arm of `bench async` (e.g. step2; default: the checkpoint's).
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
-                    threads=threads)
+                    threads=threads, sampler=sampler or None)
     if out is None:
         print(json.dumps(res, indent=1, default=str)[:4000])
 

@@ -14,10 +14,24 @@ Clocks
 
 Modes
   sync     infer when the queue is empty; execute n_action_steps of the chunk.
-  async    start the next inference when the queue depth drops to `async_trigger` while the current chunk
-           executes (after VLASH). With `future_state`, the observation's state is rolled forward by the actions
-           that will execute during the expected inference latency, and the chunk is aligned to start at that
-           future tick; actions whose tick has passed when the chunk arrives are dropped.
+  async    start the next inference while the current chunk executes (after VLASH), when the queue depth drops
+           to the trigger: max(async_trigger, expected latency in ticks + 1) with `adaptive_trigger` (the new
+           chunk then lands just before the queue runs dry: no stall), else async_trigger. Each chunk is aligned
+           by ticks (actions whose tick passed while inferring are dropped) and contributes at most
+           max(n_action_steps, latency + 1) actions, the open-loop horizon the policy was trained to execute;
+           async_trigger >= the chunk size replans back to back (lowest reaction latency). With
+           `future_state`, the observation's state is rolled forward by the actions that will execute during
+           the expected latency and the chunk's first action is aligned to that future tick (VLASH; only right
+           for a policy trained with such offsets).
+
+Policies may define `observe(obs)`: the loop calls it with every tick's observation (not only those it acts
+on), so a policy with an observation history sees the frames it was trained on.
+
+Metrics: `reaction_ms` is capture -> first executed action per chunk; `event_reaction_ms` is what a user feels:
+for a change in the world at each tick, the time until the robot executes the first action computed from an
+observation that saw it (in sync this includes finishing the current chunk; VLASH's "reaction latency").
+`stall_ticks` counts ticks the robot held after its first action (sync stalls at every chunk boundary when
+inference takes a period or more; async should not).
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ class LoopConfig:
     mode: Mode = "sync"
     n_action_steps: int | None = None  # actions executed per chunk (sync); None: the policy's spec
     async_trigger: int = 2  # async: start the next inference when this many actions (or fewer) remain queued
+    adaptive_trigger: bool = True  # async: raise the trigger to the expected latency (ticks) + 1
     blend: BlendMode = "latest"  # how an arriving chunk merges with queued actions
     blend_new_weight: float = 0.5
     future_state: bool = True  # async: condition on the state rolled forward over the expected latency
@@ -92,14 +107,41 @@ class EpisodeResult:
     chunk_infos: list[dict[str, Any]]
     wall_s: float  # whole episode incl. reset
     loop_s: float = 0.0  # control loop only (ticks), the basis of loop_hz
+    period_ms: float = 0.0  # control period of the env
     frames: list[np.ndarray] = field(default_factory=list)
     chunk_switches: int = 0
     dropped_actions: int = 0
     replans: int = 0
+    chunk_starts: list[tuple[int, int]] = field(default_factory=list)  # (obs tick, tick of its first executed action)
 
     @property
     def deadline_misses(self) -> int:
         return sum(not t.action_ready for t in self.ticks)
+
+    @property
+    def stall_ticks(self) -> int:
+        """Ticks the robot held after it first moved (the first inference of an episode is not a stall)."""
+        first = next((i for i, t in enumerate(self.ticks) if t.action_ready), len(self.ticks))
+        return sum(not t.action_ready for t in self.ticks[first:])
+
+    def event_reaction_ms(self, period_ms: float) -> float | None:
+        """Mean over ticks t of: a world change just before observation t -> first executed action computed from
+        an observation at or after t (ticks counted to the end of that action's period)."""
+        starts = sorted(self.chunk_starts)
+        if not starts:
+            return None
+        # a later observation's chunk may start executing before an earlier one's: take suffix minima
+        suffix_min = [e for _, e in starts]
+        for i in range(len(starts) - 2, -1, -1):
+            suffix_min[i] = min(suffix_min[i], suffix_min[i + 1])
+        vals, j = [], 0
+        for t in range(starts[0][0], self.steps):
+            while j < len(starts) and starts[j][0] < t:
+                j += 1
+            if j == len(starts):
+                break
+            vals.append((suffix_min[j] - t + 1) * period_ms)
+        return float(np.mean(vals)) if vals else None
 
     def to_record(self) -> dict[str, Any]:
         """The JSON line written to episodes.jsonl."""
@@ -125,7 +167,8 @@ class EpisodeResult:
             "chunk_switches": self.chunk_switches,
             "dropped_actions": self.dropped_actions,
             "replans": self.replans,
-            "stall_ticks": self.deadline_misses,
+            "stall_ticks": self.stall_ticks,
+            "event_reaction_ms_mean": self.event_reaction_ms(self.period_ms) if self.period_ms else None,
         }
         rec["accel"] = summarize_chunk_infos(self.chunk_infos)
         return rec
@@ -247,6 +290,8 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
     switches = dropped = replans = 0
     on_action = getattr(policy, "on_action", None)
+    observe = getattr(policy, "observe", None)
+    chunk_starts: list[tuple[int, int]] = []
     paces_itself = bool(getattr(env, "paces_itself", False))  # a real-time robot agent blocks until its tick
 
     wall0 = time.perf_counter()
@@ -262,6 +307,8 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                 frames.append(obs.images[cfg.record_camera])
             inf_this_tick: float | None = None
             inf_wall = 0.0
+            if observe is not None:
+                observe(obs)
 
             def _collect() -> None:
                 nonlocal inf_this_tick, switches, dropped
@@ -279,6 +326,9 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                     first = step  # the robot held while we inferred: the chunk starts now
                 else:
                     first = start_tick + lead
+                    # the open-loop horizon the policy was trained for, but never shorter than the latency
+                    keep = max(n_exec, infer.expected_latency_ticks() + 1)
+                    acts = acts[: max(0, step - first) + keep]
                 if queue.depth(step) > 0:
                     switches += 1
                 dropped += queue.put(acts, first, step)
@@ -289,7 +339,13 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
 
             _collect()
             depth = queue.depth(step)
-            want = depth == 0 if cfg.mode == "sync" else depth <= cfg.async_trigger
+            if cfg.mode == "sync":
+                want = depth == 0
+            else:
+                trigger = cfg.async_trigger
+                if cfg.adaptive_trigger:
+                    trigger = max(trigger, infer.expected_latency_ticks() + 1)
+                want = depth <= trigger
             if want and not infer.busy:
                 t_inf = time.perf_counter()
                 lead = 0
@@ -318,6 +374,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
             while awaiting_reaction and awaiting_reaction[0][1] <= step and ready:
                 obs_tick, _ = awaiting_reaction.pop(0)
                 reaction_ms.append((step - obs_tick + 1) * period_s * 1e3)
+                chunk_starts.append((obs_tick, step))
             sleep_ms = 0.0
             if cfg.clock == "wall" and not paces_itself:
                 delay = t_start + (step + 1) * period_s - time.perf_counter()
@@ -347,4 +404,4 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                          reaction_ms=reaction_ms, chunk_infos=infos, wall_s=time.perf_counter() - wall0,
                          loop_s=time.perf_counter() - t_start,
                          frames=frames, chunk_switches=switches, dropped_actions=dropped,
-                         replans=replans)
+                         replans=replans, chunk_starts=chunk_starts, period_ms=period_s * 1e3)

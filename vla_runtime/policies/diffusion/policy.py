@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -57,6 +58,7 @@ class DiffusionPolicy:
     def reset(self, instruction: str) -> None:
         """New episode: forget the history, the previous chunk and re-seed the sampler noise."""
         self._obs: OrderedDict[int, Observation] = OrderedDict()  # step -> obs (last few)
+        self._obs_lock = threading.Lock()  # observe() may run in the loop thread while act() runs in a worker
         self._feat_cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> (F,) features
         self._prev_norm: torch.Tensor | None = None  # (1, H, A) normalised previous chunk
         self._prev_env: np.ndarray | None = None  # (H, A) previous chunk in env units
@@ -70,10 +72,13 @@ class DiffusionPolicy:
         self.spec = replace(self.spec, name=f"diffusion-{self.cfg.sampler.name}")
 
     def observe(self, obs: Observation) -> None:
-        """Optional: record an observation without acting (lets a runtime feed every tick's frame)."""
-        self._obs[int(obs.step)] = obs
-        while len(self._obs) > 4 * self.cfg.model.obs_stride * self.cfg.model.obs_horizon + 2:
-            self._obs.popitem(last=False)
+        """Record an observation without acting: the runtime feeds every tick's frame, so the history of a chunk
+        holds the frames `obs_stride` ticks apart that training used, whenever the chunk is inferred (async
+        inference acts at other ticks than every n_action_steps). Thread-safe against a concurrent `act`."""
+        with self._obs_lock:
+            self._obs[int(obs.step)] = obs
+            while len(self._obs) > 4 * self.cfg.model.obs_stride * self.cfg.model.obs_horizon + 2:
+                self._obs.popitem(last=False)
 
     def act(self, obs: Observation) -> ActionChunk:
         m, sc = self.cfg.model, self.cfg.sampler
@@ -141,11 +146,11 @@ class DiffusionPolicy:
 
         return fn
 
-    def _history_steps(self, step: int) -> list[int]:
+    def _history_steps(self, step: int, have_steps: list[int]) -> list[int]:
         """Steps of the To frames conditioning the chunk at `step`: the nearest recorded frame at or before
         step - stride*j (the current frame repeated at an episode's start, as in training's padding)."""
         m = self.cfg.model
-        have = sorted(self._obs)
+        have = sorted(have_steps)
         out = []
         for j in range(m.obs_horizon - 1, -1, -1):
             want = step - m.obs_stride * j
@@ -155,11 +160,13 @@ class DiffusionPolicy:
 
     def _encode_history(self, obs: Observation) -> torch.Tensor:
         m = self.cfg.model
-        steps = self._history_steps(int(obs.step))
+        with self._obs_lock:
+            snapshot = dict(self._obs)
+        steps = self._history_steps(int(obs.step), list(snapshot))
         todo = [s for s in dict.fromkeys(steps) if s not in self._feat_cache]
         if todo:
-            imgs = torch.stack([self._preprocess(self._obs[s]) for s in todo])[None]  # (1, n, Ncam, 3, c, c)
-            states = torch.stack([torch.as_tensor(np.asarray(self._obs[s].state, np.float32)) for s in todo])[None]
+            imgs = torch.stack([self._preprocess(snapshot[s]) for s in todo])[None]  # (1, n, Ncam, 3, c, c)
+            states = torch.stack([torch.as_tensor(np.asarray(snapshot[s].state, np.float32)) for s in todo])[None]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16):
                 f = self.model.encode(imgs.to(self.device), self.model.normalize_state(states.to(self.device)))
             for s, fs in zip(todo, f[0].float().cpu()):
