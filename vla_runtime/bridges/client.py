@@ -262,7 +262,8 @@ class BridgeClient:
                 self._send("heartbeat", {})
             except BridgeError as e:  # e.g. send queue full while the agent is away: retried next time
                 self.stats["dropped"]["heartbeat_not_sent"] += 1
-                log.warning("heartbeat not sent: %s", e)
+                (log.warning if self.stats["dropped"]["heartbeat_not_sent"] == 1 else log.debug)(
+                    "heartbeat not sent: %s", e)  # every few ms while the agent is away: warn once
 
     # ------------------------------------------------------------------------------------- send / receive
     def _send(self, kind: str, body: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> int:
