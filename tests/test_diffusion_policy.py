@@ -253,3 +253,24 @@ def test_tiny_training_decreases_loss_and_resumes(tmp_path: Path) -> None:
     p = load_diffusion_policy(out, sampler="step2")
     assert p.cfg.model.image_size == 32
     assert run_episode(p, chunks=2)[1].actions.shape == (16, 7)
+
+
+@pytest.mark.parametrize("sampler", ["ddim10", "step2"])
+def test_committed_actions_are_the_start_of_the_chunk(sampler: str) -> None:
+    import dataclasses
+
+    p = tiny_policy(sampler)
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=3))
+    p.reset(obs.instruction)
+    first = p.act(obs)  # a cold chunk; then the next inference is told 3 of its actions are already committed
+    for a in first.actions[:5]:
+        obs = env.step(a).obs
+    committed = first.actions[5:8]
+    ch = p.act(dataclasses.replace(obs, committed_actions=committed))
+    assert ch.info["inpainted"] == 3
+    # normalise -> inpaint -> unnormalise: the committed actions come back (within the float round trip)
+    np.testing.assert_allclose(ch.actions[:3], committed, atol=1e-4)
+    off = tiny_policy(sampler, inpaint_committed=False)
+    off.reset(obs.instruction)
+    assert off.act(dataclasses.replace(obs, committed_actions=committed)).info["inpainted"] == 0

@@ -193,3 +193,40 @@ def test_sampler_config_parsing() -> None:
             SamplerConfig(name=bad)
     with pytest.raises(UserError):
         SamplerConfig(name="step2", sigma_stall=-1.0)
+
+
+def coupled_model(pred: str = "epsilon"):
+    """A denoiser whose output at each step depends on the chunk's first rows (so a prefix can steer the rest)."""
+
+    def fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        head = x[:, :3].mean(dim=1, keepdim=True)  # (B, 1, A)
+        return torch.tanh(0.5 * x + 0.8 * head)
+
+    return fn
+
+
+@pytest.mark.parametrize("k", [2, 10])
+def test_inpainting_keeps_the_committed_prefix_and_conditions_the_rest(k: int) -> None:
+    s = sched()
+    fn = coupled_model()
+    xT = torch.randn(1, 16, 7, generator=torch.Generator().manual_seed(3))
+    prefix = torch.full((1, 3, 7), 0.6)
+    free, _ = ddim_sample(fn, s, xT.shape, k, x_T=xT)
+    inp, calls = ddim_sample(fn, s, xT.shape, k, x_T=xT, prefix=prefix)
+    assert calls == k
+    assert torch.equal(inp[:, :3], prefix)  # the committed actions come back exactly
+    assert not torch.allclose(inp[:, 3:], free[:, 3:], atol=1e-3)  # and the rest was computed given them
+    other, _ = ddim_sample(fn, s, xT.shape, k, x_T=xT, prefix=-prefix)
+    assert not torch.allclose(other[:, 3:], inp[:, 3:], atol=1e-3)
+
+
+def test_inpainting_with_an_oracle_and_warm_start() -> None:
+    # a perfect denoiser for a target that already starts with the prefix: inpainting changes nothing
+    s = sched()
+    x0 = torch.rand(1, 16, 7) * 1.6 - 0.8
+    out, _ = ddim_sample(oracle(s, x0, "epsilon"), s, (1, 16, 7), 10, gen=torch.Generator().manual_seed(0),
+                         prefix=x0[:, :4])
+    assert torch.allclose(out, x0, atol=1e-3)
+    w = torch.zeros(1, 16, 7)
+    pred_only, n = warm_start_sample(oracle(s, x0, "epsilon"), s, w, k=0, t_start=0, prefix=x0[:, :2])
+    assert n == 0 and torch.equal(pred_only[:, :2], x0[:, :2]) and torch.equal(pred_only[:, 2:], w[:, 2:])

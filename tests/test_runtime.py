@@ -290,3 +290,41 @@ def test_async_back_to_back_reacts_faster_than_sync(env):
     assert a is not None and s is not None
     assert s / a > 3.0  # sync waits for the 8-action chunk to finish; back-to-back replans every tick
     assert b2b.stall_ticks == 0
+
+
+class CommitRecordingPolicy(ChunkPolicy):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.committed: list[tuple[int, np.ndarray | None]] = []
+
+    def act(self, obs: Observation) -> ActionChunk:
+        self.committed.append((int(obs.step), obs.committed_actions))
+        return super().act(obs)
+
+
+def test_async_hands_the_policy_the_actions_that_execute_while_it_infers(env):
+    pol = CommitRecordingPolicy(chunk=16, n_exec=8)
+    executed: dict[int, np.ndarray] = {}
+    orig_step = env.step
+
+    def spy(a):
+        executed[len(executed)] = np.array(a)
+        return orig_step(a)
+
+    env.step = spy
+    try:
+        run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
+                                                     future_state=False))
+    finally:
+        env.step = orig_step
+    with_commit = [(s, c) for s, c in pol.committed if c is not None]
+    assert with_commit, "no inference got the committed actions"
+    for s, c in with_commit:
+        assert len(c) == 3  # latency 180 ms = 3 ticks
+        for i, a in enumerate(c):
+            if s + i in executed:
+                np.testing.assert_allclose(executed[s + i], a, atol=1e-6)  # exactly what then ran
+    pol2 = CommitRecordingPolicy(chunk=16, n_exec=8)
+    run_episode(env, pol2, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
+                                                  future_state=False, pass_committed=False))
+    assert all(c is None for _, c in pol2.committed)

@@ -248,7 +248,8 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
 
 def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path | None,
                 sampler: str | None = None) -> dict[str, Any]:
-    """Sync vs async (naive and future-state-aware) inference on the simulated real-time clock, same seeds."""
+    """Sync vs async inference on the simulated real-time clock, same seeds: async with the committed actions
+    inpainted (default), without (ablation), future-state-aware (VLASH-style alignment), and back-to-back."""
     if not policy:
         from vla_runtime.policies import list_policies
 
@@ -260,6 +261,8 @@ def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path 
     methods = [Method("sync", policy, sampler, loop=LoopConfig(mode="sync", **sim)),
                # adaptive trigger, each chunk aligned to its observation's tick (the due head dropped)
                Method("async", policy, sampler, loop=LoopConfig(mode="async", future_state=False, **sim)),
+               Method("async-no-inpaint", policy, sampler, loop=LoopConfig(mode="async", future_state=False,
+                                                                         pass_committed=False, **sim)),
                Method("async-future-state", policy, sampler, loop=LoopConfig(mode="async", future_state=True, **sim)),
                # replan back to back: the next inference starts as soon as the last one lands
                Method("async-back-to-back", policy, sampler, loop=LoopConfig(mode="async", future_state=False,

@@ -22,7 +22,9 @@ Modes
            async_trigger >= the chunk size replans back to back (lowest reaction latency). With
            `future_state`, the observation's state is rolled forward by the actions that will execute during
            the expected latency and the chunk's first action is aligned to that future tick (VLASH; only right
-           for a policy trained with such offsets).
+           for a policy trained with such offsets). Without it, the observation carries `committed_actions`
+           (the queued actions for the ticks the inference will take), which a policy may inpaint as the start
+           of its chunk so the new plan continues from what the robot really does (real-time chunking).
 
 Policies may define `observe(obs)`: the loop calls it with every tick's observation (not only those it acts
 on), so a policy with an observation history sees the frames it was trained on.
@@ -70,6 +72,7 @@ class LoopConfig:
     blend: BlendMode = "latest"  # how an arriving chunk merges with queued actions
     blend_new_weight: float = 0.5
     future_state: bool = True  # async: condition on the state rolled forward over the expected latency
+    pass_committed: bool = True  # async: hand the policy the actions that execute while it infers
     delta_scale: tuple[float, ...] = DEFAULT_DELTA_SCALE
     max_steps: int | None = None  # None: the task's max_steps
     record_camera: str | None = None  # camera whose frames are kept for video
@@ -351,10 +354,14 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                 lead = 0
                 o = obs
                 if cfg.mode == "async":
-                    lead = infer.expected_latency_ticks() if cfg.future_state else 0
+                    lat = infer.expected_latency_ticks()
+                    lead = lat if cfg.future_state else 0
                     if cfg.future_state and lead > 0:
                         pend = queue.pending(step)[:lead]
                         o = dataclasses.replace(obs, state=roll_state_forward(obs.state, pend, cfg.delta_scale))
+                    elif cfg.pass_committed and lat > 0 and queue.depth(step) > 0:
+                        # the chunk's first `lat` ticks are already spoken for by the queued actions
+                        o = dataclasses.replace(obs, committed_actions=queue.pending(step)[:lat])
                 infer.start(o, step, lead)
                 if cfg.clock == "wall" and cfg.mode == "sync":
                     # the observation arrived at the start of this period; its action is due at the end of it

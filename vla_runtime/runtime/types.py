@@ -19,6 +19,9 @@ class Observation:
     images: camera name -> uint8 (H, W, 3), upright (LIBERO's upside-down renders are flipped by the env).
     state: float32 (state_dim,) proprio: eef pos (3), eef axis-angle (3), gripper qpos (2).
     privileged: simulation only (object poses etc.), so scripted experts can act without the simulator.
+    committed_actions: set by the runtime for async inference: (L, action_dim) actions already queued for the
+        ticks from this observation on, which will execute while the chunk is computed. A policy may condition
+        on them (the diffusion policy inpaints them as the chunk's first L actions) or ignore them.
     """
 
     images: dict[str, np.ndarray]
@@ -27,6 +30,7 @@ class Observation:
     stamp: float
     step: int
     privileged: dict[str, Any] = field(default_factory=dict)
+    committed_actions: np.ndarray | None = None
 
 
 @dataclass

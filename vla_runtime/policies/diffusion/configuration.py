@@ -109,6 +109,7 @@ class SamplerConfig:
     sigma_scale: float = 1.0  # scale of the forward noise added to the warm start when not stalled
     perturb: bool = True  # velocity-aware perturbation on/off (STEP only)
     seed: int | None = 0  # sampler noise seed (reset() re-seeds, so episodes are reproducible); None = random
+    inpaint_committed: bool = True  # async: inpaint the actions committed during inference (obs.committed_actions)
     dtype: str = "float32"  # network compute dtype: float32 (fastest for batch-1 convs on CPU, measured) or bfloat16
 
     def __post_init__(self) -> None:

@@ -94,12 +94,16 @@ class DiffusionPolicy:
             model_fn = self._model_fn(cond)
             shape = (1, m.horizon, m.action_dim)
             kind = sc.kind
+            prefix = None
+            if sc.inpaint_committed and obs.committed_actions is not None and len(obs.committed_actions) > 0:
+                committed = torch.as_tensor(np.asarray(obs.committed_actions, np.float32)[: m.horizon])[None]
+                prefix = self.model.normalize_action(committed.to(self.device)).float().cpu().clamp(-1, 1)
             warm, perturbed, pred_ms, speed = False, False, 0.0, None
             if kind == "ddpm":
                 x, calls = ddpm_sample(model_fn, self.sched, shape, self._gen)
             elif kind == "ddim" or self._prev_norm is None:
                 k = sc.k if kind == "ddim" else sc.first_chunk_steps
-                x, calls = ddim_sample(model_fn, self.sched, shape, k, sc.eta, self._gen)
+                x, calls = ddim_sample(model_fn, self.sched, shape, k, sc.eta, self._gen, prefix=prefix)
             else:
                 n_exec = int(np.clip(int(obs.step) - self._prev_step, 0, m.horizon))
                 tp = time.perf_counter()
@@ -112,7 +116,7 @@ class DiffusionPolicy:
                 pred_ms = (time.perf_counter() - tp) * 1e3
                 warm = True
                 if kind == "predictor":
-                    x, calls = proposal, 0
+                    x, calls = warm_start_sample(model_fn, self.sched, proposal, 0, 0, prefix=prefix)
                 else:
                     assert self._prev_env is not None
                     executed = torch.from_numpy(self._prev_env[:n_exec])
@@ -121,12 +125,14 @@ class DiffusionPolicy:
                     proposal = perturb_warm_start(proposal, stalled, sc.sigma_stall, self._gen)
                     perturbed = bool(stalled)
                     x, calls = warm_start_sample(model_fn, self.sched, proposal, sc.k, sc.step_start_t, sc.eta,
-                                                 self._gen, noise_scale=1.0 if stalled else sc.sigma_scale)
+                                                 self._gen, noise_scale=1.0 if stalled else sc.sigma_scale,
+                                                 prefix=prefix)
             x = x.float().clamp(-1, 1)
             actions = self.model.unnormalize_action(x.to(self.device))[0].cpu().numpy().astype(np.float32)  # (H, A)
         t2 = time.perf_counter()
         self._prev_norm, self._prev_env, self._prev_step = x, actions, int(obs.step)
         info = {"sampler": sc.name, "denoise_steps": calls, "warm_start": warm, "perturbed": perturbed,
+                "inpainted": 0 if prefix is None else int(prefix.shape[1]),
                 "encoder_ms": (t1 - t0) * 1e3, "sampler_ms": (t2 - t1) * 1e3 - pred_ms, "predictor_ms": pred_ms,
                 "inference_ms": (t2 - t0) * 1e3}
         if speed is not None:

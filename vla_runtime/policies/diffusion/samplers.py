@@ -103,14 +103,27 @@ def _randn(shape: Sequence[int], gen: torch.Generator | None) -> torch.Tensor:
 
 
 def denoise(model_fn: ModelFn, sched: NoiseSchedule, x: torch.Tensor, levels: list[int], eta: float = 0.0,
-            gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """Run DDIM from x at levels[0] through levels[1:] (ending at 0). Returns (x0, denoiser calls)."""
+            gen: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Run DDIM from x at levels[0] through levels[1:] (ending at 0). Returns (x0, denoiser calls).
+
+    prefix (B, L, A): actions already committed for the chunk's first L steps (async inference: they execute
+    while this chunk is being computed). Inpainting by x0 replacement: each step's clean estimate takes the
+    prefix in its first L rows, so the denoiser sees, and the rest of the chunk continues from, the actions
+    the robot will really execute (the idea of real-time chunking, Black et al. 2025, in its simplest form).
+    The result's first L rows equal the prefix."""
     calls = 0
+    n = 0 if prefix is None else min(prefix.shape[1], x.shape[1])
     for t, s in zip(levels[:-1], levels[1:]):
         x0, eps = sched.x0_eps(model_fn(x, t), x, t)
         calls += 1
+        if n:
+            x0 = x0.clone()
+            x0[:, :n] = prefix[:, :n].to(x0)
         noise = _randn(x.shape, gen) if eta > 0 else None
         x = sched.ddim_step(x0, eps, t, s, eta, noise)
+    if n:
+        x = x.clone()
+        x[:, :n] = prefix[:, :n].to(x)
     return x, calls
 
 
@@ -127,25 +140,30 @@ def ddpm_sample(model_fn: ModelFn, sched: NoiseSchedule, shape: Sequence[int],
 
 
 def ddim_sample(model_fn: ModelFn, sched: NoiseSchedule, shape: Sequence[int], k: int, eta: float = 0.0,
-                gen: torch.Generator | None = None, x_T: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """DDIM(k) from pure noise at level T."""
+                gen: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """DDIM(k) from pure noise at level T (prefix: committed first actions, see `denoise`)."""
     x = _randn(shape, gen) if x_T is None else x_T.float()
-    return denoise(model_fn, sched, x, ddim_timesteps(k, sched.T), eta, gen)
+    return denoise(model_fn, sched, x, ddim_timesteps(k, sched.T), eta, gen, prefix)
 
 
 def warm_start_sample(model_fn: ModelFn, sched: NoiseSchedule, x_warm: torch.Tensor, k: int, t_start: int,
                       eta: float = 0.0, gen: torch.Generator | None = None,
-                      noise_scale: float = 1.0) -> tuple[torch.Tensor, int]:
+                      noise_scale: float = 1.0, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """STEP: noise the predicted chunk to level t_start, then k DDIM steps down to 0.
 
     t_start = 0 (or k = 0) returns the warm start unchanged with no denoiser call: the 'predictor only' case.
     noise_scale scales the forward noise (STEP's sigma_scale; 1 = the exact forward process)."""
     if t_start <= 0 or k <= 0:
-        return x_warm.float().clone(), 0
+        x = x_warm.float().clone()
+        if prefix is not None:
+            n = min(prefix.shape[1], x.shape[1])
+            x[:, :n] = prefix[:, :n].to(x)
+        return x, 0
     ab = sched.alpha_bar[t_start]
     z = _randn(x_warm.shape, gen)
     x = ab.sqrt() * x_warm.float() + noise_scale * (1 - ab).sqrt() * z
-    return denoise(model_fn, sched, x, ddim_timesteps(k, t_start), eta, gen)
+    return denoise(model_fn, sched, x, ddim_timesteps(k, t_start), eta, gen, prefix)
 
 
 def action_speed(executed: torch.Tensor, dims: int) -> float:
