@@ -85,3 +85,27 @@ def test_ray_actor_killed_mid_run(tmp_path):
     keys = [r["key"] for r in recs]
     assert len(keys) == len(set(keys)) == n
     assert all("error" not in r for r in recs)
+
+
+def test_workers_exit_when_the_coordinator_is_killed(tmp_path):
+    out = tmp_path / "ev"
+    proc = subprocess.Popen([sys.executable, str(SLOW_EVAL), "eval", "--env", "dummy:reach", "--policy", "scripted",
+                             "--episodes", "40", "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl = out / "episodes.jsonl"
+    deadline = time.monotonic() + 90
+    kids: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2:
+            kids = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "spawn_main" in " ".join(c.cmdline())]
+            if kids:
+                break
+        time.sleep(0.05)
+    assert kids, "no workers seen"
+    proc.kill()  # SIGKILL: no cleanup runs in the coordinator
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, f"orphaned workers still running: {[p.pid for p in alive]}"
+    done = len(jsonl.read_text().splitlines())
+    assert done < 40  # they stopped instead of finishing the run on their own

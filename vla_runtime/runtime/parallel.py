@@ -93,9 +93,15 @@ def _local_worker(wid: int, cfg: EvalConfig, out_dir: str, tasks: Any, results: 
     except Exception as e:  # noqa: BLE001 - reported to the coordinator, which stops the run
         results.put(("fatal", wid, f"{type(e).__name__}: {e}"))
         return
+    parent = os.getppid()
     try:
         while True:
-            item = tasks.get()
+            try:
+                item = tasks.get(timeout=1.0)
+            except queue_mod.Empty:
+                if os.getppid() != parent:  # the coordinator was killed: an orphan must not keep running episodes
+                    return
+                continue
             if item is None:
                 break
             results.put(("start", wid, item["key"]))

@@ -84,9 +84,12 @@ def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from vla_runtime.envs import make_env
 
+    parent = os.getppid()
     env = make_env(cfg.env, cameras=cfg.cameras or None, image_size=cfg.image_size, render=True)
     try:
         for task, seed in jobs:
+            if os.getppid() != parent:  # the coordinator was killed: do not keep collecting as an orphan
+                return
             spec = EpisodeSpec(env=env.spec.name, task=task, index=0, seed=seed, init_state=None)
             t0 = time.perf_counter()
             try:
