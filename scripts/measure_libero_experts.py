@@ -43,7 +43,8 @@ def _episode(env, spec, expert_factory, trace: bool) -> dict:  # type: ignore[no
     dt = time.perf_counter() - t1
     out = {"key": spec.key(), "task": spec.task, "seed": spec.seed, "init_state": spec.init_state,
            "success": bool(success), "steps": steps, "reset_s": round(t_reset, 3),
-           "step_ms": round(1e3 * dt / max(steps, 1), 2), "attempts": getattr(expert, "attempts", 0)}
+           "step_ms": round(1e3 * dt / max(steps, 1), 2), "attempts": getattr(expert, "attempts", 0),
+           "tight_grasps": getattr(expert, "tight_grasps", None), "slides": getattr(expert, "slides", None)}
     if trace:
         out["phases"] = phases
     return out

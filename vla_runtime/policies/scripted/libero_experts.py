@@ -9,7 +9,10 @@ One state machine serves both suites; what differs is where to grasp and how to 
 - Spatial: the bowl (10.7 cm) is wider than the open gripper (7.6 cm), so it is grasped by its rim, the
   fingers closing radially across the wall, on the side of the rim with the most free space around it
   (drawer/cabinet walls, neighbours); the bowl centre is carried over the plate origin (success needs it
-  within 3 cm) and lowered until it nearly touches the plate.
+  within 3 cm) and lowered until it nearly touches the plate. A "tight" rim grasp (< 1 cm of room for the
+  fingers, the bowl in a drawer) stops 2.5 cm above the rim until the xy error is < 3 mm and then descends
+  slowly (the arm drifts 1-2 cm sideways in a fast descent at that reach); a bowl partly under an overhang
+  (the cabinet top over the half-open drawer) is dragged out from under it before it is lifted.
 
 Action (OSC_POSE delta, world frame): 0.05 m and 0.5 rad per unit; gripper -1 opens, +1 closes.
 Each expert is stateful (phase, timers) and is built fresh per episode by `make_libero_expert`.
@@ -42,6 +45,9 @@ RIM_GRASP_DEPTH_M = 0.015  # rim grasp below the bowl's top
 PRESHAPE_STEPS = 4  # +1 gripper steps before a rim grasp descends: ~4.2 cm opening, fits beside drawer walls
 PRESHAPE_HALF_OPEN_M = 0.021
 SHOULDER_HEIGHT_M = 0.333  # Panda shoulder (joint 2) above the robot base
+TIGHT_CLEARANCE_M = 0.01  # rim grasps with less room than this get the aligned slow descent
+ALIGN_ABOVE_RIM_M = 0.025  # align stop: grasp point this far above the rim top (fingertips ~1 cm above it)
+ALIGN_TOL_M = 0.003  # xy error allowed before the final slow descent of a tight grasp
 REACH_COMFORT_M = 0.68  # shoulder-to-grasp-point distance the arm reaches with the gripper pointing down  # object extent along the closing axis that the open gripper still clears
 
 
@@ -132,11 +138,61 @@ def gripper_clearance(boxes: np.ndarray, grasp: np.ndarray, close_ax: np.ndarray
         for b in (-PALM_HALF_ACROSS_M, 0.0, PALM_HALF_ACROSS_M):
             for dz in (PALM_ABOVE_M, PALM_ABOVE_M + 0.03):
                 pts.append(grasp + a * along + b * across + dz * np.array([0.0, 0.0, 1.0]))
-    q = np.array(pts)  # (P, 3)
+    return points_box_distance(boxes, np.array(pts))
+
+
+def points_box_distance(boxes: np.ndarray, q: np.ndarray) -> float:
+    """Smallest distance from the points q (P, 3) to the oriented boxes (G, 15); 0 = a point is inside a box."""
+    if not len(boxes):
+        return np.inf
     c, h, r = boxes[:, :3], boxes[:, 3:6], boxes[:, 6:].reshape(-1, 3, 3)  # (G, 3) (G, 3) (G, 3, 3)
     local = np.einsum("gji,gpj->gpi", r, q[None] - c[:, None])  # (G, P, 3): points in each box frame
     out = np.maximum(np.abs(local) - h[:, None], 0.0)
-    return float(np.sqrt((out ** 2).sum(-1)).min()) if len(boxes) else np.inf
+    return float(np.sqrt((out ** 2).sum(-1)).min())
+
+
+def _disc(centre_xy: np.ndarray, radius: float, zs: tuple[float, ...] | list[float]) -> np.ndarray:
+    """(P, 3) sample points filling a horizontal disc (centre + 3 rings of 16) at each height in zs."""
+    pts = []
+    for z in zs:
+        pts.append([centre_xy[0], centre_xy[1], z])
+        for rr in (radius / 3, 2 * radius / 3, radius):
+            for t in np.linspace(0.0, 2 * np.pi, 16, endpoint=False):
+                pts.append([centre_xy[0] + rr * np.cos(t), centre_xy[1] + rr * np.sin(t), z])
+    return np.array(pts)
+
+
+def slide_out_of_overhang(p: dict[str, Any], obj: str) -> np.ndarray | None:
+    """Horizontal move (2,) that takes `obj` out from under an overhang before it is lifted, or None.
+
+    Why: in LIBERO-Spatial task 4 the bowl sits in a half-open drawer, partly under the cabinet's top panel,
+    which is 1 cm above the bowl's rim: lifted straight up, the bowl jams against the panel, tilts and slips
+    out of the fingers. The move is the shortest (1 cm steps, up to 10 cm, 16 directions) after which the
+    object's footprint, raised by 0.3-4 cm, touches no collision box, and along which the object at its
+    current height does not run into one (the drawer walls); None if lifting straight up is already free or
+    no such move exists.
+    """
+    objects = [str(n) for n in p["objects"]]
+    boxes = p["collision_boxes"][p["collision_owner"] != objects.index(obj)]  # (G, 15)
+    lo, hi = p[f"{obj}_aabb"]
+    centre = (lo[:2] + hi[:2]) / 2
+    radius = float(min(hi[0] - lo[0], hi[1] - lo[1]) / 2)
+    lifted_z = tuple(float(z) for z in np.arange(hi[2] + 0.003, hi[2] + 0.04, 0.002))  # panels are ~3 mm thick
+    body_z = (lo[2] + 0.01, (lo[2] + hi[2]) / 2, hi[2] - 0.003)
+    if points_box_distance(boxes, _disc(centre, radius, lifted_z)) > 0.0:
+        return None
+    best: np.ndarray | None = None
+    for t in np.linspace(0.0, 2 * np.pi, 16, endpoint=False):
+        d = np.array([np.cos(t), np.sin(t)])
+        for step in range(1, 11):
+            shift = d * 0.01 * step
+            if points_box_distance(boxes, _disc(centre + shift, radius, body_z)) <= 0.0:
+                break  # runs into a wall along this direction
+            if points_box_distance(boxes, _disc(centre + shift, radius, lifted_z)) > 0.0:
+                if best is None or step * 0.01 < np.linalg.norm(best) - 1e-9:
+                    best = d * 0.01 * (step + 1)  # one more centimetre of margin
+                break
+    return best
 
 
 def horizontal_box(p: dict[str, Any], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -174,6 +230,8 @@ class PickPlaceExpert:
         self.obj_below = 0.0  # grasp point height above the object's bottom, measured after the lift
         self.best_err, self.best_t = np.inf, 0  # progress tracking within a phase
         self.prev_z = 0.0  # eef height at the previous step (stall detection while lowering)
+        self.slides = 0  # grasped objects dragged out from under an overhang before lifting
+        self.tight_grasps = 0  # rim grasps planned with the aligned slow descent (recorded by the measure script)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _set(self, phase: str) -> None:
@@ -304,14 +362,17 @@ class PickPlaceExpert:
             score = (min(clearance, 0.03) - 0.01 * abs(yaw_for_closing_axis(u))
                      - 0.3 * max(0.0, reach - REACH_COMFORT_M))
             if score > best_score:
-                best, best_score = (g, u, ang), score
+                best, best_score = (g, u, ang, clearance), score
         if best is None:  # every side tried: start over
             self.tried.clear()
             return self._plan_rim_grasp(p, obj)
-        g, u, ang = best
+        g, u, ang, clearance = best
         self.tried.append(float(ang))
         yaw = yaw_for_closing_axis(u)
-        return {"xy": g, "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN, "preshape": PRESHAPE_STEPS}
+        # tight: the fingers have < TIGHT_CLEARANCE_M of room (bowl in a drawer): stop above the rim, align, then
+        # descend slowly (see the "align" phase)
+        return {"xy": g, "z": z, "yaw": yaw, "obj": obj, "R": rot_z(yaw) @ R_DOWN, "preshape": PRESHAPE_STEPS,
+                "tight": bool(clearance < TIGHT_CLEARANCE_M), "rim_top": float(hi[2])}
 
     def _place_target(self, p: dict[str, Any], obj_below: float) -> tuple[np.ndarray, float]:
         """(xy, z) of the grasp point at release."""
@@ -339,6 +400,7 @@ class PickPlaceExpert:
         self.timer += 1
         if self.grasp is None:
             self.grasp = self._plan_grasp(p)
+            self.tight_grasps += int(bool(self.grasp.get("tight")))
         g = self.grasp
         obj = g["obj"]
         lo, hi = p[f"{obj}_aabb"]
@@ -359,19 +421,43 @@ class PickPlaceExpert:
             a[:3] = self._move(eef, np.array([g["xy"][0], g["xy"][1], eef[2]]))
             grip = 1.0
             if self.timer >= g["preshape"]:
+                self._set("align" if g.get("tight") else "descend")
+        elif self.phase == "align":  # tight grasp: stop just above the rim and remove the xy error first
+            target = np.array([g["xy"][0], g["xy"][1], g["rim_top"] + ALIGN_ABOVE_RIM_M])
+            a[:3] = self._move(eef, target, speed=0.6, gain=2.0)
+            grip = 0.0
+            if (np.linalg.norm(eef[:2] - g["xy"]) < ALIGN_TOL_M and abs(eef[2] - target[2]) < 0.005) \
+                    or self.timer > 30:
                 self._set("descend")
         elif self.phase == "descend":
             target = np.array([g["xy"][0], g["xy"][1], g["z"]])
-            a[:3] = self._move(eef, target, speed=0.6)
+            if g.get("tight"):  # slow, with a stiffer xy correction: the arm drifts sideways at this reach
+                a[:3] = self._move(eef, target, speed=0.25, gain=2.0)
+            else:
+                a[:3] = self._move(eef, target, speed=0.6)
             grip = 0.0 if g.get("preshape") else -1.0  # hold the pre-shaped opening
             if abs(eef[2] - g["z"]) < 0.006 or self.timer > 40:
                 self._set("close")
         elif self.phase == "close":
             target = np.array([g["xy"][0], g["xy"][1], g["z"]])
-            a[:3] = self._move(eef, target, speed=0.3)
             grip = 1.0
+            a[:3] = self._move(eef, target, speed=0.3)
             if self.timer >= 10:
                 self.lift_ref = float(lo[2])
+                shift = slide_out_of_overhang(p, obj) if self.suite == "libero_spatial" else None
+                if shift is None:
+                    self._set("lift")
+                else:  # drag it out from under the overhang first (raised 4 mm, less friction)
+                    self.slides += 1
+                    g["slide_to"] = np.array([eef[0] + shift[0], eef[1] + shift[1], eef[2] + 0.004])
+                    g["slide_hold"] = eef[:2] - (lo[:2] + hi[:2]) / 2  # eef relative to the object centre
+                    self._set("slide")
+        elif self.phase == "slide":
+            grip = 1.0
+            a[:3] = self._move(eef, g["slide_to"], speed=0.4)
+            if np.linalg.norm((eef[:2] - (lo[:2] + hi[:2]) / 2) - g["slide_hold"]) > 0.02:
+                self._regrasp()  # the object stayed behind: lost it
+            elif np.linalg.norm(eef[:2] - g["slide_to"][:2]) < 0.005 or self.timer > 30:
                 self._set("lift")
         elif self.phase in ("lift", "carry", "lower"):
             grip = 1.0
