@@ -328,3 +328,34 @@ def test_async_hands_the_policy_the_actions_that_execute_while_it_infers(env):
     run_episode(env, pol2, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
                                                   future_state=False, pass_committed=False))
     assert all(c is None for _, c in pol2.committed)
+
+
+def test_latest_keeps_actions_before_a_future_aligned_chunk():
+    q = ActionQueue("latest")
+    q.put(np.ones((8, 7)), first_tick=0, now_tick=0)
+    q.put(np.full((4, 7), 2.0), first_tick=5, now_tick=3)  # lands at tick 3, meant for ticks 5..8
+    assert q.depth(3) == 6  # ticks 3, 4 from the old chunk, then 5..8 from the new one
+    assert q.pop(3)[0] == 1.0 and q.pop(4)[0] == 1.0 and q.pop(5)[0] == 2.0
+    assert q.depth(9) == 0  # the old chunk's tail beyond the new chunk is gone
+
+
+def test_future_state_does_not_stall_when_inference_is_faster_than_expected(env):
+    class Jittery(ChunkPolicy):
+        """Alternates slow and fast inferences, so the expected latency overestimates the fast ones."""
+
+    pol = Jittery(chunk=16, n_exec=8)
+    lat = iter([180.0, 10.0] * 50)
+    from vla_runtime.runtime import loop as loop_mod
+
+    orig = loop_mod._Inference.start
+
+    def start(self, obs, tick, lead):
+        orig(self, obs, tick, lead)
+        self._ready_tick = tick + max(0, int(np.ceil(next(lat) / 50.0)) - 1)
+
+    loop_mod._Inference.start = start
+    try:
+        r = run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", max_steps=60, future_state=True))
+    finally:
+        loop_mod._Inference.start = orig
+    assert r.stall_ticks == 0

@@ -30,8 +30,10 @@ class ActionQueue:
     def put(self, actions: np.ndarray, first_tick: int, now_tick: int) -> int:
         """Queue `actions` (H, A) for ticks first_tick.. ; drop those due before `now_tick`. Returns #dropped.
 
-        Ticks beyond the new chunk's end keep old actions only in 'weighted' mode; 'latest' replaces the whole
-        future with the new chunk (the freshest plan wins).
+        Ticks beyond the new chunk's end keep old actions only in 'weighted' mode; 'latest' replaces the future
+        from the new chunk's first tick on (the freshest plan wins). In both modes, queued actions for ticks
+        before the new chunk's first tick stay: a chunk aligned to a future tick (future-state inference that
+        landed early) must not leave the robot without actions until then.
         """
         dropped = 0
         new = {}
@@ -42,7 +44,8 @@ class ActionQueue:
                 continue
             new[t] = a
         if self.blend == "latest":
-            self._actions = new
+            keep = {t: a for t, a in self._actions.items() if now_tick <= t < first_tick}
+            self._actions = {**keep, **new}
         else:
             merged = {t: a for t, a in self._actions.items() if t >= now_tick}
             for t, a in new.items():
