@@ -151,3 +151,40 @@ def check_action(action: np.ndarray, spec: EnvSpec) -> np.ndarray:
 
 def config_hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_sim_options(name: str, cameras: tuple[str, ...] | list[str] | None, aliases: dict[str, str],
+                      default_cameras: tuple[str, ...], render: bool, image_size: int,
+                      max_steps: int | None) -> tuple[str, ...]:
+    """Shared constructor validation of the simulator adapters (robosuite, LIBERO); returns the cameras.
+
+    Why shared: both adapters take the same options and must reject bad ones with the same one-line
+    `UserError` before building a simulator (seconds). `name` prefixes the messages ("robosuite:Lift").
+    No cameras given: `default_cameras` when rendering, none otherwise.
+    """
+    from vla_runtime.errors import UserError
+
+    cams = tuple(cameras) if cameras else (default_cameras if render else ())
+    bad = [c for c in cams if c not in aliases]
+    if bad:
+        raise UserError(f"{name}: unknown camera(s) {bad}; valid: {', '.join(aliases)}")
+    if cams and not render:
+        raise UserError(f"{name}: cameras {cams} requested with render=False")
+    if not 16 <= image_size <= 1024:
+        raise UserError(f"image_size must be in [16, 1024], got {image_size}")
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"max_steps must be >= 1, got {max_steps}")
+    return cams
+
+
+def clear_gripper_commands(robots: Any) -> None:
+    """Zero each robot gripper's integrated command before a soft reset.
+
+    Why: robosuite 1.4 grippers integrate their command (`gripper.current_action`, +-0.01 per step) and a
+    soft reset (`hard_reset=False`, used by both adapters for speed) does not clear it, so an episode would
+    depend on how the previous one ended; a freshly built model starts at zero.
+    """
+    for robot in robots:
+        gripper = getattr(robot, "gripper", None)
+        if gripper is not None and hasattr(gripper, "current_action"):
+            gripper.current_action = np.zeros_like(gripper.current_action)

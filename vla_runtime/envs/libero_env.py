@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from vla_runtime.envs.base import Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo, check_action
+from vla_runtime.envs.base import (Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo, check_action,
+                                   check_sim_options, clear_gripper_commands)
 from vla_runtime.envs.render import apply_fast_render_sim, check_gl, prepare_robosuite_import
 from vla_runtime.envs.robosuite_env import quat_xyzw_to_axisangle
 from vla_runtime.errors import UserError
@@ -117,16 +118,8 @@ class LiberoEnv(Env):
             raise UserError(f"LIBERO task index must be in 0..9, got {task_index}")
         if kwargs:
             raise UserError(f"libero:{suite}: unknown options {sorted(kwargs)}")
-        cams = tuple(cameras) if cameras else (DEFAULT_CAMERAS if render else ())
-        bad = [c for c in cams if c not in CAMERA_ALIASES]
-        if bad:
-            raise UserError(f"libero:{suite}: unknown camera(s) {bad}; valid: {', '.join(CAMERA_ALIASES)}")
-        if cams and not render:
-            raise UserError(f"libero:{suite}: cameras {cams} requested with render=False")
-        if not 16 <= image_size <= 1024:
-            raise UserError(f"image_size must be in [16, 1024], got {image_size}")
-        if max_steps is not None and max_steps < 1:
-            raise UserError(f"max_steps must be >= 1, got {max_steps}")
+        cams = check_sim_options(f"libero:{suite}", cameras, CAMERA_ALIASES, DEFAULT_CAMERAS, render, image_size,
+                                 max_steps)
         self.suite = suite
         self.task_index = None if task_index is None else int(task_index)
         self.render = bool(render and cams)
@@ -167,7 +160,7 @@ class LiberoEnv(Env):
         robot.initialization_noise = {"type": "gaussian", "magnitude": ROBOT_INIT_NOISE_RAD if fresh else 0.0}
         # The Panda gripper integrates its command (`current_action`, +-0.01 per step) and a soft reset does
         # not clear it (a hard reset rebuilds the model): without this, an episode depends on the previous one.
-        robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        clear_gripper_commands([robot])
         # fixture placement, object sampler and robot noise all draw from numpy's global RNG
         np.random.seed(int(episode.seed) % (2**32))
         if fresh:

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from vla_runtime.envs.base import Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo, check_action
+from vla_runtime.envs.base import (Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo, check_action,
+                                   check_sim_options, clear_gripper_commands)
 from vla_runtime.envs.render import apply_fast_render_sim, check_gl, import_robosuite
 from vla_runtime.errors import UserError
 from vla_runtime.runtime.types import Observation
@@ -76,18 +77,10 @@ class RobosuiteEnv(Env):
             raise UserError(f"unknown robosuite task {task!r}; valid: {', '.join(TASKS)}")
         if kwargs:
             raise UserError(f"robosuite:{task}: unknown options {sorted(kwargs)}")
-        cams = tuple(cameras) if cameras else (DEFAULT_CAMERAS if render else ())
-        bad = [c for c in cams if c not in CAMERA_ALIASES]
-        if bad:
-            raise UserError(f"robosuite:{task}: unknown camera(s) {bad}; valid: {', '.join(CAMERA_ALIASES)}")
-        if cams and not render:
-            raise UserError(f"robosuite:{task}: cameras {cams} requested with render=False")
-        if not 16 <= image_size <= 1024:
-            raise UserError(f"image_size must be in [16, 1024], got {image_size}")
+        cams = check_sim_options(f"robosuite:{task}", cameras, CAMERA_ALIASES, DEFAULT_CAMERAS, render,
+                                 image_size, max_steps)
         info = TASKS[task]
         if max_steps is not None:
-            if max_steps < 1:
-                raise UserError(f"max_steps must be >= 1, got {max_steps}")
             info = TaskInfo(info.task, info.instruction, int(max_steps))
         self.task = task
         self._info = info
@@ -146,9 +139,7 @@ class RobosuiteEnv(Env):
         np.random.seed(int(episode.seed) % (2**32))
         # robosuite 1.4 keeps the gripper's integrated command (`current_action`) across soft resets, so an
         # episode would depend on how the previous one ended: zero it (a fresh model starts at zero too)
-        for robot in self._env.robots:
-            if getattr(robot, "gripper", None) is not None and hasattr(robot.gripper, "current_action"):
-                robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
+        clear_gripper_commands(self._env.robots)
         self._activate_gl()
         self._last_obs = self._env.reset()
         self._t = 0
