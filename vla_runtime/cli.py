@@ -37,6 +37,7 @@ def eval(  # noqa: A001 - the verb is `eval`
     async_trigger: int = 2,
     blend: Literal["latest", "weighted"] = "latest",
     future_state: bool = True,
+    pass_committed: bool = True,
     video: int = 0,
     resume: bool = False,
     device: str = "cpu",
@@ -61,9 +62,12 @@ def eval(  # noqa: A001 - the verb is `eval`
         clock: unpaced (as fast as possible), sim (real time, simulated clock), wall (real time, wall clock).
         mode: sync (infer when the chunk is used up) or async (infer the next chunk while executing).
         n_action_steps: actions executed per chunk (default: the policy's).
-        async_trigger: async: start inferring when this many queued actions remain.
+        async_trigger: async: start inferring when this many queued actions remain (raised to the expected
+            latency + 1 automatically; >= the chunk size replans back to back, the lowest reaction latency).
         blend: how a new chunk merges with queued actions.
         future_state: async: condition on the state rolled forward over the inference latency.
+        pass_committed: async without --future-state: give the policy the actions that execute while it infers
+            (the diffusion policy inpaints them as its chunk's start).
         video: save mp4s of the first K episodes of each task (outcome in the file name).
         resume: continue a killed run in OUT, skipping recorded episodes.
         device: torch device for learned policies (cpu, cuda, cuda:1).
@@ -82,7 +86,7 @@ def eval(  # noqa: A001 - the verb is `eval`
     if mode == "async" and clk == "unpaced":
         raise UserError("--mode async needs a paced clock: add --paced (or --clock sim|wall)")
     loop = LoopConfig(clock=clk, mode=mode, n_action_steps=n_action_steps, async_trigger=async_trigger, blend=blend,
-                      future_state=future_state, max_steps=max_steps)
+                      future_state=future_state, pass_committed=pass_committed, max_steps=max_steps)
     cfg = EvalConfig(env=env, policy=policy, episodes=episodes, seed=seed, out=out, tasks=_split(task), loop=loop,
                      video=video, resume=resume, device=device, accel=_split(accel), sampler=sampler,
                      threads=threads, keys_dir=str(keys) if keys else None)
