@@ -245,10 +245,8 @@ def test_adaptive_trigger_removes_stalls_that_a_fixed_trigger_leaves(env):
     assert adaptive.to_record()["stall_ticks"] == 0
 
 
-def test_async_executes_at_most_the_trained_horizon_of_each_chunk(env):
-    # chunk 16, n_exec 4, latency 3 ticks: each chunk is aligned to its observation (3 actions dropped) and gives
-    # at most max(4, 3 + 1) = 4 actions, never its far tail (indices >= 3 + 4).
-    pol = ChunkPolicy(chunk=16, n_exec=4)
+def run_recording_actions(env, pol, cfg: LoopConfig) -> list[np.ndarray]:
+    """Run one episode and return the actions the env executed, in tick order."""
     executed: list[np.ndarray] = []
     orig_step = env.step
 
@@ -258,10 +256,18 @@ def test_async_executes_at_most_the_trained_horizon_of_each_chunk(env):
 
     env.step = spy
     try:
-        run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
-                                                     future_state=False))
+        run_episode(env, pol, spec0(env), cfg)
     finally:
         env.step = orig_step
+    return executed
+
+
+def test_async_executes_at_most_the_trained_horizon_of_each_chunk(env):
+    # chunk 16, n_exec 4, latency 3 ticks: each chunk is aligned to its observation (3 actions dropped) and gives
+    # at most max(4, 3 + 1) = 4 actions, never its far tail (indices >= 3 + 4).
+    pol = ChunkPolicy(chunk=16, n_exec=4)
+    executed = run_recording_actions(env, pol, LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
+                                                          future_state=False))
     idx = [round(a[1] / 0.01) for a in executed if np.any(a[:6] != 0)]
     assert idx and max(idx) < 3 + 4
     assert min(idx[4:]) >= 3  # after the first chunk, actions due during inference were dropped
@@ -304,19 +310,8 @@ class CommitRecordingPolicy(ChunkPolicy):
 
 def test_async_hands_the_policy_the_actions_that_execute_while_it_infers(env):
     pol = CommitRecordingPolicy(chunk=16, n_exec=8)
-    executed: dict[int, np.ndarray] = {}
-    orig_step = env.step
-
-    def spy(a):
-        executed[len(executed)] = np.array(a)
-        return orig_step(a)
-
-    env.step = spy
-    try:
-        run_episode(env, pol, spec0(env), LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40,
-                                                     future_state=False))
-    finally:
-        env.step = orig_step
+    executed = dict(enumerate(run_recording_actions(
+        env, pol, LoopConfig(clock="sim", mode="async", latency_ms=180.0, max_steps=40, future_state=False))))
     with_commit = [(s, c) for s, c in pol.committed if c is not None]
     assert with_commit, "no inference got the committed actions"
     for s, c in with_commit:
