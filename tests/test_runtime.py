@@ -277,14 +277,14 @@ def test_event_reaction_metric_by_hand():
     from vla_runtime.runtime.loop import EpisodeResult
 
     spec = EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=0)
-    r = EpisodeResult(spec=spec, success=False, steps=16, ticks=[], inference_ms=[], reaction_ms=[], chunk_infos=[],
+    r = EpisodeResult(spec=spec, success=False, steps=16, ticks=[], inference_ms=[], chunk_infos=[],
                       wall_s=1.0, chunk_starts=[(0, 0), (8, 8)], period_ms=50.0)
     # t=0 -> obs 0 acts at tick 0 (1 tick); t=1..8 -> obs 8 acts at tick 8 (8..1 ticks); t>8 has no later chunk
-    assert r.event_reaction_ms(50.0) == pytest.approx(50.0 * (1 + sum(range(1, 9))) / 9)
+    assert r.event_reaction_ms == pytest.approx(50.0 * (1 + sum(range(1, 9))) / 9)
     # an observation's chunk that starts executing after a later observation's chunk: the earlier action counts
     r.chunk_starts = [(0, 5), (2, 3)]
     r.steps = 3
-    assert r.event_reaction_ms(50.0) == pytest.approx(50.0 * ((3 - 0 + 1) + (3 - 1 + 1) + (3 - 2 + 1)) / 3)
+    assert r.event_reaction_ms == pytest.approx(50.0 * ((3 - 0 + 1) + (3 - 1 + 1) + (3 - 2 + 1)) / 3)
 
 
 def test_async_back_to_back_reacts_faster_than_sync(env):
@@ -292,7 +292,7 @@ def test_async_back_to_back_reacts_faster_than_sync(env):
     cfg = dict(clock="sim", latency_ms=40.0, max_steps=64)
     sync = run_episode(env, pol, spec0(env), LoopConfig(**cfg))
     b2b = run_episode(env, pol, spec0(env), LoopConfig(mode="async", async_trigger=16, **cfg))
-    s, a = sync.event_reaction_ms(50.0), b2b.event_reaction_ms(50.0)
+    s, a = sync.event_reaction_ms, b2b.event_reaction_ms
     assert a is not None and s is not None
     assert s / a > 3.0  # sync waits for the 8-action chunk to finish; back-to-back replans every tick
     assert b2b.stall_ticks == 0

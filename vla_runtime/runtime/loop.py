@@ -106,7 +106,6 @@ class EpisodeResult:
     steps: int
     ticks: list[TickRecord]
     inference_ms: list[float]
-    reaction_ms: list[float]  # obs capture -> first executed action computed from it (sim/wall clock time)
     chunk_infos: list[dict[str, Any]]
     wall_s: float  # whole episode incl. reset
     loop_s: float = 0.0  # control loop only (ticks), the basis of loop_hz
@@ -118,6 +117,11 @@ class EpisodeResult:
     chunk_starts: list[tuple[int, int]] = field(default_factory=list)  # (obs tick, tick of its first executed action)
 
     @property
+    def reaction_ms(self) -> list[float]:
+        """Per executed chunk: its observation's capture -> its first executed action (to the end of that period)."""
+        return [(e - o + 1) * self.period_ms for o, e in self.chunk_starts]
+
+    @property
     def deadline_misses(self) -> int:
         return sum(not t.action_ready for t in self.ticks)
 
@@ -127,11 +131,12 @@ class EpisodeResult:
         first = next((i for i, t in enumerate(self.ticks) if t.action_ready), len(self.ticks))
         return sum(not t.action_ready for t in self.ticks[first:])
 
-    def event_reaction_ms(self, period_ms: float) -> float | None:
+    @property
+    def event_reaction_ms(self) -> float | None:
         """Mean over ticks t of: a world change just before observation t -> first executed action computed from
         an observation at or after t (ticks counted to the end of that action's period)."""
         starts = sorted(self.chunk_starts)
-        if not starts:
+        if not starts or not self.period_ms:
             return None
         # a later observation's chunk may start executing before an earlier one's: take suffix minima
         suffix_min = [e for _, e in starts]
@@ -143,7 +148,7 @@ class EpisodeResult:
                 j += 1
             if j == len(starts):
                 break
-            vals.append((suffix_min[j] - t + 1) * period_ms)
+            vals.append((suffix_min[j] - t + 1) * self.period_ms)
         return float(np.mean(vals)) if vals else None
 
     def to_record(self) -> dict[str, Any]:
@@ -171,7 +176,7 @@ class EpisodeResult:
             "dropped_actions": self.dropped_actions,
             "replans": self.replans,
             "stall_ticks": self.stall_ticks,
-            "event_reaction_ms_mean": self.event_reaction_ms(self.period_ms) if self.period_ms else None,
+            "event_reaction_ms_mean": self.event_reaction_ms,
         }
         rec["accel"] = summarize_chunk_infos(self.chunk_infos)
         return rec
@@ -287,7 +292,6 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     hold = env.hold_action()
     ticks: list[TickRecord] = []
     inference_ms: list[float] = []
-    reaction_ms: list[float] = []
     infos: list[dict[str, Any]] = []
     frames: list[np.ndarray] = []
     awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
@@ -342,19 +346,16 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
 
             _collect()
             depth = queue.depth(step)
+            lat = infer.expected_latency_ticks()
             if cfg.mode == "sync":
                 want = depth == 0
             else:
-                trigger = cfg.async_trigger
-                if cfg.adaptive_trigger:
-                    trigger = max(trigger, infer.expected_latency_ticks() + 1)
-                want = depth <= trigger
+                want = depth <= (max(cfg.async_trigger, lat + 1) if cfg.adaptive_trigger else cfg.async_trigger)
             if want and not infer.busy:
                 t_inf = time.perf_counter()
                 lead = 0
                 o = obs
                 if cfg.mode == "async":
-                    lat = infer.expected_latency_ticks()
                     lead = lat if cfg.future_state else 0
                     if cfg.future_state and lead > 0:
                         pend = queue.pending(step)[:lead]
@@ -380,7 +381,6 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                     queue.clear()  # the policy asked to replan: infer again at the next tick
             while awaiting_reaction and awaiting_reaction[0][1] <= step and ready:
                 obs_tick, _ = awaiting_reaction.pop(0)
-                reaction_ms.append((step - obs_tick + 1) * period_s * 1e3)
                 chunk_starts.append((obs_tick, step))
             sleep_ms = 0.0
             if cfg.clock == "wall" and not paces_itself:
@@ -408,7 +408,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     finally:
         infer.close()
     return EpisodeResult(spec=episode, success=success, steps=step, ticks=ticks, inference_ms=inference_ms,
-                         reaction_ms=reaction_ms, chunk_infos=infos, wall_s=time.perf_counter() - wall0,
+                         chunk_infos=infos, wall_s=time.perf_counter() - wall0,
                          loop_s=time.perf_counter() - t_start,
                          frames=frames, chunk_switches=switches, dropped_actions=dropped,
                          replans=replans, chunk_starts=chunk_starts, period_ms=period_s * 1e3)
