@@ -112,19 +112,23 @@ def denoise(model_fn: ModelFn, sched: NoiseSchedule, x: torch.Tensor, levels: li
     the robot will really execute (the idea of real-time chunking, Black et al. 2025, in its simplest form).
     The result's first L rows equal the prefix."""
     calls = 0
-    n = 0 if prefix is None else min(prefix.shape[1], x.shape[1])
     for t, s in zip(levels[:-1], levels[1:]):
         x0, eps = sched.x0_eps(model_fn(x, t), x, t)
         calls += 1
-        if n:
-            x0 = x0.clone()
-            x0[:, :n] = prefix[:, :n].to(x0)
+        x0 = with_prefix(x0, prefix)
         noise = _randn(x.shape, gen) if eta > 0 else None
         x = sched.ddim_step(x0, eps, t, s, eta, noise)
-    if n:
-        x = x.clone()
-        x[:, :n] = prefix[:, :n].to(x)
-    return x, calls
+    return with_prefix(x, prefix), calls
+
+
+def with_prefix(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, A) with its first rows replaced by prefix (B, L, A) (a copy; x itself when prefix is None)."""
+    if prefix is None:
+        return x
+    n = min(prefix.shape[1], x.shape[1])
+    out = x.clone()
+    out[:, :n] = prefix[:, :n].to(out)
+    return out
 
 
 def ddpm_sample(model_fn: ModelFn, sched: NoiseSchedule, shape: Sequence[int],
@@ -155,11 +159,7 @@ def warm_start_sample(model_fn: ModelFn, sched: NoiseSchedule, x_warm: torch.Ten
     t_start = 0 (or k = 0) returns the warm start unchanged with no denoiser call: the 'predictor only' case.
     noise_scale scales the forward noise (STEP's sigma_scale; 1 = the exact forward process)."""
     if t_start <= 0 or k <= 0:
-        x = x_warm.float().clone()
-        if prefix is not None:
-            n = min(prefix.shape[1], x.shape[1])
-            x[:, :n] = prefix[:, :n].to(x)
-        return x, 0
+        return with_prefix(x_warm.float().clone(), prefix), 0
     ab = sched.alpha_bar[t_start]
     z = _randn(x_warm.shape, gen)
     x = ab.sqrt() * x_warm.float() + noise_scale * (1 - ab).sqrt() * z
