@@ -244,6 +244,8 @@ def bench(
     steps: int = 200,
     threads: int | None = None,
     sampler: str = "",
+    n_action_steps: int | None = None,
+    arms: str = "",
 ) -> None:
     """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
 
@@ -257,11 +259,15 @@ def bench(
         steps: steps for micro-benchmarks.
         threads: torch intra-op threads.
         sampler: diffusion sampler for every arm of `bench async` (e.g. step2; default: the checkpoint's).
+        n_action_steps: `bench async`: actions executed per chunk in every arm (default: the policy's).
+        arms: `bench async`: comma-separated subset of sync, async, async-no-inpaint, async-future-state,
+            async-back-to-back (sync always runs).
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
-                    threads=threads, sampler=sampler or None)
+                    threads=threads, sampler=sampler or None, n_action_steps=n_action_steps,
+                    arms=[a.strip() for a in arms.split(",") if a.strip()] or None)
     if out is None:
         print(json.dumps(res, indent=1, default=str)[:4000])
 

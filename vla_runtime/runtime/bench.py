@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -39,8 +39,11 @@ class Method:
 def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: int, seed: int,
                     out: Path | None, baseline: str | None = None, device: str = "cpu",
                     extra_fields: Callable[[Method, list[dict[str, Any]]], dict[str, Any]] | None = None,
-                    tasks: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every method on the same episode specs (one env, reused) and write bench.json."""
+                    tasks: list[str] | None = None, progress: bool = True,
+                    finalize: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every method on the same episode specs (one env, reused) and write bench.json.
+
+    `finalize(report)` may add fields computed across methods before the report is written and printed."""
     from vla_runtime.envs import make_env
     from vla_runtime.policies import make_policy
 
@@ -105,6 +108,8 @@ def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: 
                                                                                if s.init_state is not None}),
               "machine": machine_info(), "baseline": baseline, "methods": results,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if finalize is not None:
+        finalize(report)
     write_bench(report, out)
     print(format_bench(report))
     return report
@@ -206,7 +211,8 @@ def bench_render(env_name: str, steps: int, out: Path | None) -> dict[str, Any]:
 
 def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, seed: int = 0,
               out: Path | None = None, steps: int = 200, threads: int | None = None,
-              sampler: str | None = None) -> dict[str, Any]:
+              sampler: str | None = None, n_action_steps: int | None = None,
+              arms: Sequence[str] | None = None) -> dict[str, Any]:
     if threads:
         import torch
 
@@ -216,7 +222,7 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
     if name == "render":
         return bench_render(env, steps, out)
     if name == "async":
-        return bench_async(env or "robosuite:Lift", policy, episodes, seed, out, sampler)
+        return bench_async(env or "robosuite:Lift", policy, episodes, seed, out, sampler, n_action_steps, arms)
     if name == "step":
         from vla_runtime.policies.diffusion.bench import bench_step
 
@@ -246,10 +252,18 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
     raise UserError(f"unknown bench {name!r}")
 
 
+ASYNC_ARMS = ("sync", "async", "async-no-inpaint", "async-future-state", "async-back-to-back")
+
+
 def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path | None,
-                sampler: str | None = None) -> dict[str, Any]:
+                sampler: str | None = None, n_action_steps: int | None = None,
+                arms: Sequence[str] | None = None) -> dict[str, Any]:
     """Sync vs async inference on the simulated real-time clock, same seeds: async with the committed actions
-    inpainted (default), without (ablation), future-state-aware (VLASH-style alignment), and back-to-back."""
+    inpainted (default), without (ablation), future-state-aware (VLASH-style alignment), and back-to-back.
+
+    `n_action_steps` sets the execution horizon of every arm (sync's reaction grows with it, about
+    (n + 1) / 2 periods, while back-to-back async stays near one period); `arms` runs a subset (sync always runs:
+    it is the baseline)."""
     if not policy:
         from vla_runtime.policies import list_policies
 
@@ -257,7 +271,13 @@ def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path 
         if not learned:
             raise UserError("bench async needs a learned policy: --policy diffusion:<checkpoint>")
         policy = learned[0]
-    sim = dict(clock="sim")
+    if n_action_steps is not None and n_action_steps < 1:
+        raise UserError(f"--n-action-steps must be >= 1, got {n_action_steps}")
+    wanted = set(arms or ASYNC_ARMS) | {"sync"}
+    unknown = sorted(wanted - set(ASYNC_ARMS))
+    if unknown:
+        raise UserError(f"unknown async arm(s) {unknown}; choose from {list(ASYNC_ARMS)}")
+    sim = dict(clock="sim", n_action_steps=n_action_steps)
     methods = [Method("sync", policy, sampler, loop=LoopConfig(mode="sync", **sim)),
                # adaptive trigger, each chunk aligned to its observation's tick (the due head dropped)
                Method("async", policy, sampler, loop=LoopConfig(mode="async", future_state=False, **sim)),
@@ -267,16 +287,18 @@ def bench_async(env_name: str, policy: str, episodes: int, seed: int, out: Path 
                # replan back to back: the next inference starts as soon as the last one lands
                Method("async-back-to-back", policy, sampler, loop=LoopConfig(mode="async", future_state=False,
                                                                     async_trigger=10_000, **sim))]
+    methods = [m for m in methods if m.name in wanted]
 
     def extra(m: Method, recs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"_show": ("event_reaction_ms_mean", "stall_ticks", "reaction_ratio_to_sync")}
 
-    report = compare_methods("async", env_name, methods, episodes, seed, out, baseline="sync", extra_fields=extra)
-    base = next(r for r in report["methods"] if r["name"] == "sync")
-    for r in report["methods"]:
-        b, x = base.get("event_reaction_ms_mean"), r.get("event_reaction_ms_mean")
-        r["reaction_ratio_to_sync"] = round(b / x, 2) if b and x else None
-        print(f"  {r['name']}: event reaction {x} ms ({r['reaction_ratio_to_sync']}x lower than sync), "
-              f"stall ticks {r.get('stall_ticks')}, deadline misses {r.get('deadline_misses')}")
-    write_bench(report, out)  # again, with the reaction ratios
-    return report
+    def reaction_ratios(report: dict[str, Any]) -> None:
+        base = next(r for r in report["methods"] if r["name"] == "sync")
+        for r in report["methods"]:
+            b, x = base.get("event_reaction_ms_mean"), r.get("event_reaction_ms_mean")
+            r["reaction_ratio_to_sync"] = round(b / x, 2) if b and x else None
+            print(f"  {r['name']}: event reaction {x} ms ({r['reaction_ratio_to_sync']}x lower than sync), "
+                  f"stall ticks {r.get('stall_ticks')}, deadline misses {r.get('deadline_misses')}")
+
+    return compare_methods("async", env_name, methods, episodes, seed, out, baseline="sync", extra_fields=extra,
+                           finalize=reaction_ratios)
