@@ -26,7 +26,7 @@ import zmq
 
 from vla_runtime.bridges import protocol as P
 from vla_runtime.bridges.protocol import Limits, ProtocolError, RobotSpec
-from vla_runtime.envs.base import Env, EnvSpec, EpisodeSpec, StepResult, TaskInfo
+from vla_runtime.envs.base import Env, EpisodeSpec, StepResult, TaskInfo
 from vla_runtime.runtime.types import ActionChunk, Observation
 
 log = logging.getLogger("vla_runtime.bridges.client")
@@ -461,9 +461,7 @@ class RemoteEnv(Env):
         assert robot is not None
         self.robot = robot
         self.mode: str = body["mode"]
-        self.spec = EnvSpec(name=f"remote:{address}", action_dim=robot.action_dim, action_low=robot.action_low,
-                            action_high=robot.action_high, cameras=robot.cameras, image_size=robot.image_size,
-                            state_dim=robot.state_dim, control_hz=robot.control_hz)
+        self.spec = robot.env_spec(f"remote:{address}")
         self._tick = 0
         self._agent_stamp = 0.0
         self.last_safety: dict[str, Any] = {}

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Sequence
 
 import msgpack
 import numpy as np
+
+from vla_runtime.envs.base import EnvSpec
 
 # 2: privileged arrays travel packed, one frame per dtype, referenced as {"$view": ...} slices (v1 sent one
 # frame per array, so a LIBERO observation (~50 arrays) exceeded max_arrays and was dropped by the client).
@@ -523,22 +525,15 @@ def obs_from_wire(body: dict[str, Any], arrays: dict[str, np.ndarray], kind: str
 # ----------------------------------------------------------------------------------------------- robot spec
 
 @dataclass(frozen=True)
-class RobotSpec:
+class RobotSpec(EnvSpec):
     """What the robot offers, sent in the handshake (`spec` message body field 'robot').
 
-    Mirrors vla_runtime.envs.EnvSpec plus the hold action and the task list, so a client can build an Env
-    adapter (RemoteEnv) without knowing anything else about the robot.
+    The env spec (vla_runtime.envs.EnvSpec: name, action dim and limits, cameras, image size, state dim, control
+    rate) plus the hold action and the task list, so a client can build an Env adapter (RemoteEnv) without
+    knowing anything else about the robot.
     """
 
-    name: str
-    action_dim: int
-    action_low: tuple[float, ...]
-    action_high: tuple[float, ...]
-    cameras: tuple[str, ...]
-    image_size: int
-    state_dim: int
-    control_hz: float
-    hold_action: tuple[float, ...]
+    hold_action: tuple[float, ...] = ()
     tasks: tuple[tuple[str, str, int], ...] = ()  # (task id, instruction, max steps)
 
     def __post_init__(self) -> None:
@@ -549,6 +544,10 @@ class RobotSpec:
             raise ProtocolError("bad_field", "robot spec: control_hz must be > 0")
         if not all(math.isfinite(x) for x in (*self.action_low, *self.action_high, *self.hold_action)):
             raise ProtocolError("bad_field", "robot spec: limits must be finite")
+
+    def env_spec(self, name: str) -> EnvSpec:
+        """The plain env spec a client adapter exposes (renamed, e.g. remote:tcp://...)."""
+        return replace(EnvSpec(**{f.name: getattr(self, f.name) for f in fields(EnvSpec)}), name=name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "action_dim": self.action_dim, "action_low": list(self.action_low),
