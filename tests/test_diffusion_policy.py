@@ -17,7 +17,8 @@ from vla_runtime.policies.diffusion.modeling import DiffusionModel, shift_chunk
 from vla_runtime.policies.diffusion.policy import DiffusionPolicy, load_diffusion_policy, save_checkpoint
 from vla_runtime.runtime.types import ActionChunk
 from vla_runtime.train.train_diffusion import (DemoDataset, chunk_indices, make_batch, minmax_stats, predictor_input,
-                                               train_diffusion, write_dummy_demos)
+                                               train_diffusion)
+from vla_runtime.train.demos import write_dummy_demos
 
 torch.set_num_threads(1)
 

@@ -25,6 +25,7 @@ finally:
 
 from vla_runtime.envs.base import EpisodeSpec
 from vla_runtime.envs.dummy import DummyReachEnv
+from vla_runtime.train.demos import list_demos, read_demo
 from vla_runtime.errors import UserError
 from vla_runtime.kernels import ExitMLP, exit_features_torch, exit_predictor_torch
 from vla_runtime.policies.vla import early_exit as EE
@@ -282,27 +283,14 @@ def test_bank_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def _ckpt_and_demos(tmp_path: Path, mode: str) -> tuple[Path, Path]:
-    from vla_runtime.policies.scripted.reach import ReachExpert
-    from vla_runtime.train.demos import Demo, write_demo
+    from vla_runtime.train.demos import write_dummy_demos
 
     tok = WordTokenizer.from_instructions(["reach the red target"])
     cfg = VLAConfig(mode=mode, **{**TINY, "vocab_size": tok.vocab_size, "image_size": 32})  # type: ignore[arg-type]
     torch.manual_seed(0)
     stats = {"action_min": [-1.0] * 7, "action_max": [1.0] * 7, "state_min": [-0.5] * 8, "state_max": [0.5] * 8}
     ck = save_checkpoint(VLAModel(cfg, bos_id=tok.bos_id), tok, stats, tmp_path / f"vla_{mode}")
-    env, expert = DummyReachEnv(image_size=32), ReachExpert()
-    for s in range(3):
-        obs = env.reset(EpisodeSpec("dummy:reach", "reach", s, s))
-        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
-        for _ in range(8):
-            a = expert(obs)
-            acts.append(a)
-            states.append(obs.state)
-            for c in imgs:
-                imgs[c].append(obs.images[c])
-            obs = env.step(a).obs
-        write_demo(tmp_path / "demos", Demo("dummy:reach", "reach", "reach the red target", s, np.array(acts),
-                                            np.array(states), {c: np.array(v) for c, v in imgs.items()}))
+    write_dummy_demos(tmp_path / "demos", 3, image_size=32, speed=1.0, max_steps=8)
     return ck, tmp_path / "demos"
 
 
@@ -311,7 +299,10 @@ def test_train_predictors_then_act_with_accel(mode: str, tmp_path: Path) -> None
     ck, demos = _ckpt_and_demos(tmp_path, mode)
     res = EE.train_exit_predictors(str(ck), [demos], ck / EE.PREDICTOR_DIR, epochs=3)
     meta = json.loads((ck / EE.PREDICTOR_DIR / EE.META_FILE).read_text())
-    assert meta["mode"] == mode and meta["layers"] == res["layers"] and meta["train"]["chunks"] == 12
+    stride = VLAConfig(mode=mode, **TINY).n_action_steps  # one chunk per n_action_steps frames of each demo
+    frames = [len(read_demo(p, load_images=False).actions) for p in list_demos(demos)]
+    assert meta["mode"] == mode and meta["layers"] == res["layers"]
+    assert meta["train"]["chunks"] == sum(-(-n // stride) for n in frames) > 3
     assert sum(meta["train"]["earliest_correct_hist"]) > 0
     assert meta["train"]["weights_sha256"] == EE.weights_digest(ck) and len(meta["train"]["demo_files"]) == 3
     # the shipped layout: <ckpt>/exit_predictors is found without options; a forced threshold makes it exit

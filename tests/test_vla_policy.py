@@ -13,13 +13,12 @@ from vla_runtime.envs.base import EpisodeSpec
 from vla_runtime.envs.dummy import DummyReachEnv
 from vla_runtime.errors import UserError
 from vla_runtime.policies import make_policy
-from vla_runtime.policies.scripted.reach import ReachExpert
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.modeling import StepContext, VLAModel
 from vla_runtime.policies.vla.policy import ACCELERATIONS, Normalizer, load_vla_policy, save_checkpoint
 from vla_runtime.policies.vla.tokenizer import WordTokenizer
 from vla_runtime.runtime.types import Policy
-from vla_runtime.train.demos import Demo, write_demo
+from vla_runtime.train import demos
 
 torch.set_num_threads(1)
 TINY = dict(image_size=32, patch_size=8, vision_hidden=16, vision_heads=2, vision_intermediate=32, hidden=32,
@@ -108,24 +107,9 @@ def test_normalizer_round_trip() -> None:
 
 
 def write_dummy_demos(d: Path, n: int = 6) -> None:
-    env = DummyReachEnv(image_size=32)
-    expert = ReachExpert()
-    for s in range(n):
-        obs = env.reset(EpisodeSpec("dummy:reach", "reach", s, s))
-        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
-        for _ in range(10):
-            a = expert(obs)
-            acts.append(a)
-            states.append(obs.state)
-            for c in imgs:
-                imgs[c].append(obs.images[c])
-            r = env.step(a)
-            obs = r.obs
-            if r.done:
-                break
-        instr = "reach the red target" if s % 2 else "touch the red target"
-        write_demo(d, Demo("dummy:reach", "reach", instr, s, np.array(acts), np.array(states),
-                           {c: np.array(v) for c, v in imgs.items()}))
+    """Short reach demos under two phrasings of the instruction (the tokenizer must learn both)."""
+    demos.write_dummy_demos(d, n, image_size=32, speed=1.0, max_steps=10,
+                            instructions=("touch the red target", "reach the red target"))
 
 
 @pytest.mark.parametrize("mode", ["parallel", "ar"])

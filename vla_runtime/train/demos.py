@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,38 @@ def recorded_seeds(data_dir: str | Path) -> set[tuple[str, int]]:
             if seed.isdigit():
                 out.add((task.replace("-", "/"), int(seed)))
     return out
+
+
+def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: int = 32, speed: float = 0.25,
+                      max_steps: int | None = None, instructions: Sequence[str] = ()) -> list[Path]:
+    """Synthetic demos from the simulator-free reach env and its expert (tests and pipeline development).
+
+    speed scales the expert's motion (0.25: episodes last ~15-30 steps, longer than one 16-step chunk);
+    max_steps cuts episodes short; instructions, when given, are used in turn (demo i gets instructions[i % len])
+    instead of the env's own."""
+    from vla_runtime.envs.base import EpisodeSpec
+    from vla_runtime.envs.dummy import DummyReachEnv
+    from vla_runtime.policies.scripted.reach import ReachExpert
+
+    env = DummyReachEnv(image_size=image_size)
+    expert = ReachExpert()
+    paths = []
+    for i in range(n):
+        seed = seed0 + i
+        obs = env.reset(EpisodeSpec(env="dummy:reach", task="reach", index=i, seed=seed))
+        instruction = instructions[i % len(instructions)] if instructions else obs.instruction
+        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
+        done = False
+        while not done and (max_steps is None or len(acts) < max_steps):
+            a = expert(obs)
+            a[:3] *= speed
+            acts.append(a)
+            states.append(obs.state)
+            for c in env.spec.cameras:
+                imgs[c].append(obs.images[c])
+            r = env.step(a)
+            obs, done = r.obs, r.done
+        paths.append(write_demo(out_dir, Demo(env="dummy:reach", task="reach", instruction=instruction, seed=seed,
+                                              actions=np.stack(acts), states=np.stack(states),
+                                              images={c: np.stack(v) for c, v in imgs.items()})))
+    return paths

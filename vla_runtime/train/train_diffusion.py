@@ -342,39 +342,6 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def write_dummy_demos(out_dir: str | Path, n: int, seed0: int = 0, image_size: int = 32,
-                      speed: float = 0.25) -> list[Path]:
-    """Synthetic demos from the simulator-free reach env and its expert (tests and pipeline development).
-
-    speed scales the expert's motion so episodes last ~15-30 steps (longer than one 16-step chunk)."""
-    from vla_runtime.envs.base import EpisodeSpec
-    from vla_runtime.envs.dummy import DummyReachEnv
-    from vla_runtime.policies.scripted.reach import ReachExpert
-    from vla_runtime.train.demos import Demo, write_demo
-
-    env = DummyReachEnv(image_size=image_size)
-    expert = ReachExpert()
-    paths = []
-    for i in range(n):
-        seed = seed0 + i
-        obs = env.reset(EpisodeSpec(env="dummy:reach", task="reach", index=i, seed=seed))
-        acts, states, imgs = [], [], {c: [] for c in env.spec.cameras}
-        done = False
-        while not done:
-            a = expert(obs)
-            a[:3] *= speed
-            acts.append(a)
-            states.append(obs.state)
-            for c in env.spec.cameras:
-                imgs[c].append(obs.images[c])
-            r = env.step(a)
-            obs, done = r.obs, r.done
-        paths.append(write_demo(out_dir, Demo(env="dummy:reach", task="reach", instruction=obs.instruction, seed=seed,
-                                              actions=np.stack(acts), states=np.stack(states),
-                                              images={c: np.stack(v) for c, v in imgs.items()})))
-    return paths
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the visuomotor diffusion policy (resumable).")
     ap.add_argument("--data-dir", required=True, help="directory of demo *.hdf5 files (comma-separated for several)")
