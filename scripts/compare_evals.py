@@ -2,7 +2,7 @@
 
     python scripts/compare_evals.py RUN_A RUN_B [RUN_C ...]     # directories holding eval_info.json
 
-Compares (episode key, success, steps) per episode, in report order; exits 1 on any difference and lists the
+Compares (episode spec, success, steps) per episode, in report order; exits 1 on any difference and lists the
 first few. A different config hash is reported with the differing config fields (a run made by an older
 version may carry fewer loop fields: its outcomes can still be compared). Used for issue 8's single-process vs --workers vs --ray runs (docs/BENCHMARKS.md).
 """
@@ -16,7 +16,10 @@ from pathlib import Path
 
 def outcomes(run: Path) -> tuple[str, list[tuple[str, bool, int]], dict]:
     info = json.loads((run / "eval_info.json").read_text())
-    return info["config_hash"], [(e["key"], bool(e["success"]), int(e["steps"])) for e in info["per_episode"]], info
+    # the key is env|task|index|seed: the env part is left out so a remote:tcp://... run (the same env behind the
+    # bridge) compares with the in-process one; a different env shows in the config difference
+    return info["config_hash"], [(e["key"].split("|", 1)[-1], bool(e["success"]), int(e["steps"]))
+                                 for e in info["per_episode"]], info
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

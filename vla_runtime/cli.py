@@ -97,9 +97,11 @@ def eval(  # noqa: A001 - the verb is `eval`
     else:
         info = evaluate(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("VLA_PROGRESS")))
     print(format_table(info))
-    agg = info["aggregated"]
+    agg, par = info["aggregated"], info.get("parallel") or {}
+    rate = par.get("episodes_per_hour_wall") or agg.get("episodes_per_hour")
+    where = f"{par['workers']} {'Ray actors' if par.get('ray') else 'workers'}" if par else "1 process"
     print(f"success {agg['success_pct']}% over {agg['episodes']} episodes; loop {agg['loop_hz']} Hz; "
-          f"results in {info['out_dir']}/eval_info.json")
+          f"{rate} episodes/hour ({where}); results in {info['out_dir']}/eval_info.json")
 
 
 def collect(
