@@ -2,8 +2,8 @@
 
     python scripts/compare_evals.py RUN_A RUN_B [RUN_C ...]     # directories holding eval_info.json
 
-Compares (episode spec, success, steps) per episode, in report order; exits 1 on any difference and lists the
-first few. A different config hash is reported with the differing config fields (a run made by an older
+Compares success and steps per episode spec (task, index, seed / init state) on the specs both runs hold (a
+run may be a subset, e.g. 2 of the 5 episodes per task); exits 1 on any difference and lists the first few. A different config hash is reported with the differing config fields (a run made by an older
 version may carry fewer loop fields: its outcomes can still be compared). Used for issue 8's single-process vs --workers vs --ray runs (docs/BENCHMARKS.md).
 """
 
@@ -41,11 +41,14 @@ def main(argv: list[str]) -> int:
     ok = True
     for other in argv[1:]:
         h, eps, info = outcomes(Path(other))
-        diffs = [(a, b) for a, b in zip(ref, eps) if a != b]
-        same = len(eps) == len(ref) and not diffs
+        mine, theirs = {k: (ok, n) for k, ok, n in ref}, {k: (ok, n) for k, ok, n in eps}
+        shared = [k for k in mine if k in theirs]
+        diffs = [((k, *mine[k]), (k, *theirs[k])) for k in shared if mine[k] != theirs[k]]
+        same = bool(shared) and not diffs
         par = info.get("parallel") or {}
         print(f"{other}: {len(eps)} episodes, {sum(s for _, s, _ in eps)} successes, config {h}, "
-              f"workers={par.get('workers', 1)} ray={par.get('ray')}: {'SAME' if same else 'DIFFERENT'} outcomes as {argv[0]}")
+              f"workers={par.get('workers', 1)} ray={par.get('ray')}: {'SAME' if same else 'DIFFERENT'} outcomes as "
+              f"{argv[0]} on the {len(shared)} shared specs ({len(eps) - len(shared)} not in it)")
         if h != ref_hash:
             print(f"   config hash differs ({ref_hash} vs {h}): " + "; ".join(config_diff(ref_info["config"], info["config"])))
         for a, b in diffs[:5]:
