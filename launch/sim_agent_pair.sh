@@ -4,6 +4,10 @@
 # agent's own real-time loop (the runtime then uses --clock wall).
 #
 #   ENV=libero:libero_object EPISODES=2 SEED=0 launch/sim_agent_pair.sh
+#   ENV=libero:libero_object POLICY=vla:vla_libero_object EPISODES=2 EVAL_ARGS="--threads 1" launch/sim_agent_pair.sh
+#
+# Compare with the same episodes in process (`vla-runtime eval --env libero:libero_object ...`) using
+# `python scripts/compare_evals.py IN_PROCESS_DIR $OUT`.
 #
 # The eval prints its success table; on exit the remote env prints the bridge's round trip (p50/p99) and the
 # part of it that is the bridge's own cost, and writes them as JSON to $OUT/bridge_stats.json.
@@ -24,4 +28,4 @@ for _ in $(seq 120); do
 done
 VLA_RUNTIME_BRIDGE_STATS="$OUT/bridge_stats.json" \
   vla-runtime eval --env "remote:tcp://127.0.0.1:$PORT" --policy "$POLICY" --episodes "${EPISODES:-5}" \
-  --seed "${SEED:-0}" --out "$OUT"
+  --seed "${SEED:-0}" --out "$OUT" ${EVAL_ARGS:-}
