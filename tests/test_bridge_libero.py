@@ -36,8 +36,11 @@ def test_libero_episode_over_the_bridge_matches_in_process() -> None:
         remote = RemoteEnv(endpoint, handshake_timeout_s=120.0)
         assert remote.spec.cameras == local.spec.cameras and remote.spec.image_size == local.spec.image_size
         assert [t.task for t in remote.tasks()] == [t.task for t in local.tasks()]
-        ep_remote = remote.episode_specs(seed=7, episodes=1)[0]
-        ep_local = local.episode_specs(seed=7, episodes=1)[0]
+        ep_remote = remote.episode_specs(seed=57, episodes=1)[0]
+        ep_local = local.episode_specs(seed=57, episodes=1)[0]
+        # the handshake carries each task's init-state count: the client records the same init state
+        assert ep_remote.init_state == ep_local.init_state == 7
+        assert ep_remote.key().split("|", 1)[1] == ep_local.key().split("|", 1)[1]
         obs_r = remote.reset(ep_remote)  # the first reset builds the simulator in the agent process
         obs_l = local.reset(ep_local)
         pol_r, pol_l = make_policy("scripted", env_name=remote.spec.name), make_policy("scripted", env_name=ENV)

@@ -86,7 +86,8 @@ class SimDriver:
                          action_high=tuple(map(float, s.action_high)), cameras=tuple(s.cameras),
                          image_size=int(s.image_size), state_dim=int(s.state_dim), control_hz=float(s.control_hz),
                          hold_action=tuple(float(x) for x in self.env.hold_action()),
-                         tasks=tuple((t.task, t.instruction, int(t.max_steps)) for t in self.env.tasks()))
+                         tasks=tuple((t.task, t.instruction, int(t.max_steps), int(t.init_states))
+                                     for t in self.env.tasks()))
 
     def reset(self, episode: dict[str, Any]) -> Observation:
         from vla_runtime.envs.base import EpisodeSpec

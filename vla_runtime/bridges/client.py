@@ -475,7 +475,7 @@ class RemoteEnv(Env):
         self.paces_itself = self.mode == "realtime"
 
     def tasks(self) -> list[TaskInfo]:
-        return [TaskInfo(t, i, m) for t, i, m in self.robot.tasks]
+        return [TaskInfo(t, i, m, n) for t, i, m, n in self.robot.tasks]
 
     def hold_action(self) -> np.ndarray:
         return np.asarray(self.robot.hold_action, np.float32)

@@ -534,7 +534,7 @@ class RobotSpec(EnvSpec):
     """
 
     hold_action: tuple[float, ...] = ()
-    tasks: tuple[tuple[str, str, int], ...] = ()  # (task id, instruction, max steps)
+    tasks: tuple[tuple[str, str, int, int], ...] = ()  # (task id, instruction, max steps, fixed init states)
 
     def __post_init__(self) -> None:
         if self.action_dim < 1 or len(self.action_low) != self.action_dim or len(self.action_high) != self.action_dim \
@@ -554,7 +554,7 @@ class RobotSpec(EnvSpec):
                 "action_high": list(self.action_high), "cameras": list(self.cameras),
                 "image_size": self.image_size, "state_dim": self.state_dim, "control_hz": self.control_hz,
                 "hold_action": list(self.hold_action),
-                "tasks": [{"task": t, "instruction": i, "max_steps": m} for t, i, m in self.tasks]}
+                "tasks": [{"task": t, "instruction": i, "max_steps": m, "init_states": n} for t, i, m, n in self.tasks]}
 
     @staticmethod
     def from_dict(d: Any) -> "RobotSpec":
@@ -575,8 +575,11 @@ class RobotSpec(EnvSpec):
         for t in req_field(d, "tasks", list, k):
             if not isinstance(t, dict):
                 raise ProtocolError("bad_field", f"{k}: tasks must be maps")
+            n = t.get("init_states", 0)  # optional (added in protocol 2): 0 = no fixed init states
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ProtocolError("bad_field", f"{k}: init_states must be an integer >= 0")
             tasks.append((req_field(t, "task", str, k), req_field(t, "instruction", str, k),
-                          req_field(t, "max_steps", int, k)))
+                          req_field(t, "max_steps", int, k), n))
         return RobotSpec(name=req_field(d, "name", str, k), action_dim=req_field(d, "action_dim", int, k),
                          action_low=floats("action_low"), action_high=floats("action_high"),
                          cameras=tuple(cams), image_size=req_field(d, "image_size", int, k),

@@ -53,7 +53,7 @@ class FakeDriver:
         return RobotSpec(name="fake", action_dim=self.action_dim, action_low=(-1.0,) * self.action_dim,
                          action_high=(1.0,) * self.action_dim, cameras=self.cameras, image_size=self.image_size,
                          state_dim=self.state_dim, control_hz=self.control_hz, hold_action=(0.0,) * self.action_dim,
-                         tasks=(("hover", "stay still", 10_000),))
+                         tasks=(("hover", "stay still", 10_000, 0),))
 
     def reset(self, episode: dict[str, Any]) -> Observation:
         if episode.get("task") not in ("hover",):

@@ -43,6 +43,7 @@ class TaskInfo:
     task: str  # task id: "Lift", "libero_object/3"
     instruction: str
     max_steps: int
+    init_states: int = 0  # fixed init states of the task (LIBERO: 50; seed s -> state s mod n); 0: none
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ class Env(abc.ABC):
         return out
 
     def init_state_for(self, task: str, seed: int) -> int | None:
-        """LIBERO maps a seed to a fixed init state; robosuite has none."""
-        return None
+        """Tasks with fixed init states (LIBERO) map seed s to state s mod n; others (robosuite) have none."""
+        n = self.task_info(task).init_states
+        return int(seed) % n if n else None
 
     def task_info(self, task: str) -> TaskInfo:
         for t in self.tasks():

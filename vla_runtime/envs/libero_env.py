@@ -131,7 +131,8 @@ class LiberoEnv(Env):
         self._bench = _benchmark(suite)
         steps = MAX_STEPS[suite] if max_steps is None else int(max_steps)
         indices = range(10) if task_index is None else [int(task_index)]
-        self._tasks = [TaskInfo(f"{suite}/{i}", self._bench.get_task(i).language, steps) for i in indices]
+        self._tasks = [TaskInfo(f"{suite}/{i}", self._bench.get_task(i).language, steps, N_INIT_STATES)
+                       for i in indices]
         self._sim: _TaskSim | None = None
         self._info: TaskInfo | None = None
         self._episode: EpisodeSpec | None = None
@@ -140,9 +141,6 @@ class LiberoEnv(Env):
     # -------------------------------------------------------------------------------------------- Env API
     def tasks(self) -> list[TaskInfo]:
         return list(self._tasks)
-
-    def init_state_for(self, task: str, seed: int) -> int | None:
-        return int(seed) % N_INIT_STATES
 
     def reset(self, episode: EpisodeSpec) -> Observation:
         info = self._task_info(episode.task)
