@@ -157,3 +157,36 @@ def test_ipc_endpoint_in_a_tmp_dir(tmp_path: Path) -> None:
         env.close()
     finally:
         agent.stop()
+
+
+def test_agent_interventions_reach_the_episode_record() -> None:
+    """A policy that slams an axis from low to high every tick: the agent rate-limits, and the eval says so."""
+    from vla_runtime.runtime.evaluate import aggregate
+    from vla_runtime.runtime.loop import LoopConfig, run_episode
+    from vla_runtime.runtime.types import ActionChunk, PolicySpec
+
+    class Slam:
+        def __init__(self, spec: Any) -> None:
+            self.spec = PolicySpec(action_dim=spec.action_dim, chunk_size=2, n_action_steps=2, cameras=(),
+                                   state_dim=spec.state_dim, control_hz=spec.control_hz)
+            self.low, self.high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+
+        def reset(self, instruction: str) -> None:
+            pass
+
+        def act(self, obs: Any) -> ActionChunk:
+            a = np.zeros((2, self.spec.action_dim), np.float32)
+            a[0, 0], a[1, 0] = self.low[0], self.high[0]  # a full-range jump each tick
+            return ActionChunk(actions=a, stamp=obs.stamp)
+
+    agent = RobotAgent(SimDriver(make_env("dummy:reach")), free_tcp_endpoint(), lockstep=True).start()
+    remote = make_env(f"remote:{agent.endpoint}")
+    try:
+        rec = run_episode(remote, Slam(remote.spec), remote.episode_specs(0, 1)[0], LoopConfig(max_steps=12)).to_record()
+    finally:
+        remote.close()
+        agent.stop()
+    assert rec["steps"] == 12
+    assert rec["safety"]["rate_limited"] >= 5  # 12 jumps of the full range, limited to half of it per tick
+    assert rec["safety"] == {k: v for k, v in agent.summary()["safety"].items() if v}
+    assert aggregate([rec])["aggregated"]["safety"] == rec["safety"]

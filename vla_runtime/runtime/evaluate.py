@@ -175,6 +175,12 @@ def aggregate(records: Iterable[dict[str, Any]], control_hz: float | None = None
         ev = [r["event_reaction_ms_mean"] for r in ok if r.get("event_reaction_ms_mean") is not None]
         b["event_reaction_ms_mean"] = round(float(np.mean(ev)), 3) if ev else None
         b["stall_ticks"] = int(sum(r.get("stall_ticks") or 0 for r in ok))
+        safety: dict[str, int] = {}
+        for r in ok:  # robot-agent interventions (remote envs): clamps, rate limits, dropped actions, holds
+            for k, v in (r.get("safety") or {}).items():
+                safety[k] = safety.get(k, 0) + int(v)
+        if safety:
+            b["safety"] = safety
         if control_hz is not None:
             b["control_hz_target"] = control_hz
         accel_keys = sorted({k for r in ok for k in (r.get("accel") or {})})

@@ -115,6 +115,7 @@ class EpisodeResult:
     dropped_actions: int = 0
     replans: int = 0
     chunk_starts: list[tuple[int, int]] = field(default_factory=list)  # (obs tick, tick of its first executed action)
+    safety: dict[str, int] = field(default_factory=dict)  # interventions reported by a robot agent (remote envs)
 
     @property
     def reaction_ms(self) -> list[float]:
@@ -178,6 +179,8 @@ class EpisodeResult:
             "stall_ticks": self.stall_ticks,
             "event_reaction_ms_mean": self.event_reaction_ms,
         }
+        if self.safety:
+            rec["safety"] = dict(self.safety)
         rec["accel"] = summarize_chunk_infos(self.chunk_infos)
         return rec
 
@@ -299,6 +302,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     on_action = getattr(policy, "on_action", None)
     observe = getattr(policy, "observe", None)
     chunk_starts: list[tuple[int, int]] = []
+    safety: dict[str, int] = {}
     paces_itself = bool(getattr(env, "paces_itself", False))  # a real-time robot agent blocks until its tick
 
     wall0 = time.perf_counter()
@@ -391,6 +395,9 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
             t_env = time.perf_counter()
             res = env.step(action)
             t_obs = time.perf_counter()
+            for k, v in ((res.info or {}).get("safety") or {}).items():  # the agent's per-step intervention counts
+                if isinstance(v, int) and v:
+                    safety[k] = safety.get(k, 0) + v
             env_ms = (t_obs - t_env) * 1e3
             obs = res.obs
             step += 1
@@ -411,4 +418,4 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                          chunk_infos=infos, wall_s=time.perf_counter() - wall0,
                          loop_s=time.perf_counter() - t_start,
                          frames=frames, chunk_switches=switches, dropped_actions=dropped,
-                         replans=replans, chunk_starts=chunk_starts, period_ms=period_s * 1e3)
+                         replans=replans, chunk_starts=chunk_starts, period_ms=period_s * 1e3, safety=safety)
