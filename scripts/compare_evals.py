@@ -1,10 +1,12 @@
-"""Check that eval runs are the same evaluation: same config hash, same episode specs, same outcomes.
+"""Check that eval runs reached the same outcomes on the same episode specs (config differences are listed).
 
     python scripts/compare_evals.py RUN_A RUN_B [RUN_C ...]     # directories holding eval_info.json
 
 Compares success and steps per episode spec (task, index, seed / init state) on the specs both runs hold (a
-run may be a subset, e.g. 2 of the 5 episodes per task); exits 1 on any difference and lists the first few. A different config hash is reported with the differing config fields (a run made by an older
-version may carry fewer loop fields: its outcomes can still be compared). Used for issue 8's single-process vs --workers vs --ray runs (docs/BENCHMARKS.md).
+run may be a subset, e.g. 2 of the 5 episodes per task); exits 1 on any difference and lists the first few.
+A different config hash is reported with the differing config fields (a run made by an older version may
+carry fewer loop fields: its outcomes can still be compared). Used for issue 8's single-process vs --workers
+vs --ray runs and the bridge vs in-process runs of issue 7 (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     ref_hash, ref, ref_info = outcomes(Path(argv[0]))
+    mine = {k: (success, steps) for k, success, steps in ref}
     ok = True
     for other in argv[1:]:
         h, eps, info = outcomes(Path(other))
-        mine, theirs = {k: (ok, n) for k, ok, n in ref}, {k: (ok, n) for k, ok, n in eps}
+        theirs = {k: (success, steps) for k, success, steps in eps}
         shared = [k for k in mine if k in theirs]
         diffs = [((k, *mine[k]), (k, *theirs[k])) for k in shared if mine[k] != theirs[k]]
         same = bool(shared) and not diffs
