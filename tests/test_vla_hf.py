@@ -125,3 +125,48 @@ def test_unsupported_checkpoint_is_a_user_error(tmp_path: Path) -> None:
         load_vla_policy(tmp_path)
     with pytest.raises(UserError):
         load_vla_policy(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hf_checkpoint_on_cuda_with_specprune(tmp_path: Path) -> None:
+    """The real-checkpoint path on a GPU: fp32 loop equals the stock forward on CUDA; bf16 with SpecPrune acts,
+    prunes, and its scoring ops take the compiled Triton path."""
+    import vla_runtime.kernels as K
+
+    save_lm("llama", tmp_path)
+    pol = load_vla_policy(tmp_path, device="cuda", mode="parallel", dtype="fp32")
+    dec = pol.model.decoder
+    h = torch.randn(1, 7, 32, device="cuda")
+    pos = torch.arange(7, device="cuda")[None]
+    kinds = torch.full((1, 7), 3, device="cuda")
+    with torch.no_grad():
+        ref = dec(inputs_embeds=h, position_ids=pos).last_hidden_state
+        out, _ = pol.model.forward_layers(h, pos, kinds, torch.ones(1, 7, dtype=torch.bool, device="cuda"))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    pol = load_vla_policy(tmp_path, device="cuda", mode="parallel", dtype="bf16", accel=("specprune",))
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+    pol.reset(obs.instruction)
+    for _ in range(3):
+        chunk = pol.act(obs)
+        assert np.isfinite(chunk.actions).all()
+        obs = env.step(chunk.actions[0]).obs
+    assert K.last_backend("attention_importance") == "triton"
+    n_vis = pol.cfg.n_visual
+    assert min(chunk.info["visual_tokens_per_layer"]) < n_vis  # something was pruned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_vla_on_cuda_random_config() -> None:
+    """`bench vla --device cuda` on a random config: built on the GPU, variants share the weights, the random-drop
+    baseline draws from a CPU generator and still prunes."""
+    from vla_runtime.policies.vla.bench import bench_vla
+
+    cfg = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "kv_heads": 1, "head_dim": 32,
+           "patch_size": 16}
+    res = bench_vla(cfg, steps=2, warmup=1, device="cuda", accel=("specprune",), keep=(0.5,), peak_seconds=0.1)
+    names = [m["name"] for m in res["methods"]]
+    assert names == ["full", "specprune", "random_keep50@L1"]
+    full, _, rnd = res["methods"]
+    assert rnd["visual_tokens_per_layer"][-1] < full["visual_tokens_per_layer"][-1]
+    assert all(m["gflops_per_step"] > 0 for m in res["methods"])

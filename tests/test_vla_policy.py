@@ -140,6 +140,40 @@ def test_train_resume_and_act(mode: str, tmp_path: Path) -> None:
         train_vla([data], out, mode="ar" if mode == "parallel" else "parallel", steps=6, progress=False)
 
 
+def test_train_ema_resume_keeps_raw_and_ema_apart(tmp_path: Path) -> None:
+    """With --ema, model.safetensors holds the EMA and train_state the raw weights; resuming continues both (the
+    raw weights are not replaced by the EMA), and EMA can start on a run that had none."""
+    from safetensors.torch import load_file
+
+    from vla_runtime.train.train_vla import train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    out = tmp_path / "ck"
+    train_vla([data], out, steps=2, batch_size=4, save_every=2, log_every=1, config=dict(TINY), progress=False,
+              drop_prob=0.0)
+    assert not any(k.startswith("raw.") for k in load_file(str(out / "train_state.safetensors")))
+    train_vla([data], out, steps=4, batch_size=4, save_every=2, log_every=1, progress=False, drop_prob=0.0,
+              lr=1e-2, ema_decay=0.9)
+    st = load_file(str(out / "train_state.safetensors"))
+    ema = load_file(str(out / "model.safetensors"))
+    raw = {k[4:]: v for k, v in st.items() if k.startswith("raw.")}
+    assert int(st["ema_n"][0]) == 2 and int(st["step"][0]) == 4
+    name = next(k for k in raw if k.endswith("q_proj.weight"))
+    assert not torch.equal(raw[name], ema[name])  # lr 1e-2: the raw weights ran ahead of their average
+    # resume with lr 0: the raw weights must come back exactly (not the EMA), and the EMA keeps averaging
+    train_vla([data], out, steps=6, batch_size=4, save_every=2, log_every=1, progress=False, drop_prob=0.0,
+              lr=0.0, ema_decay=0.9)
+    st2 = load_file(str(out / "train_state.safetensors"))
+    assert int(st2["ema_n"][0]) == 4
+    assert torch.equal(st2["raw." + name], raw[name])
+    ema2 = load_file(str(out / "model.safetensors"))[name].float()
+    d_before = (ema[name].float() - raw[name].float()).abs().sum()
+    assert (ema2 - raw[name].float()).abs().sum() < d_before  # the average moved towards the (fixed) raw weights
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("mode", ["parallel", "ar"])
 def test_bench_reports_split_tokens_and_flops(mode: str, tmp_path: Path) -> None:
     from vla_runtime.policies.vla.bench import bench_vla

@@ -13,17 +13,19 @@ Policy). Frames are read lazily from the HDF5 files so LIBERO-sized datasets do 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
@@ -162,13 +164,38 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+@contextlib.contextmanager
+def ema_weights(model: nn.Module, ema: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily load the EMA weights into `model` (no-op without EMA); the raw weights come back after."""
+    if ema is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    backup = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ema[n].to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(backup[n])
+
+
 def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = "parallel", steps: int = 20000,
               batch_size: int = 16, resume: bool = True, lr: float = 3e-4, weight_decay: float = 0.01,
               warmup: int = 300, save_every: int = 250, log_every: int = 25, seed: int = 0, threads: int = 1,
               bf16: bool = True, shift: int = 8, drop_keep: float = 0.3, drop_prob: float = 0.75,
               drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
-              progress: bool = True, max_minutes: float | None = None) -> dict[str, Any]:
+              progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0
+              ) -> dict[str, Any]:
     """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
+
+    ema_decay > 0 keeps an exponential moving average of the weights (decay warmed up as min(decay,
+    (1 + n) / (10 + n)) over the n EMA updates so far, as in diffusion_policy). The checkpoint's model.safetensors
+    then holds the EMA weights (what eval, export and shipping use); the raw weights the optimizer steps live in
+    train_state.safetensors ("raw.*"), so a resumed run continues both. EMA can start on a run that had none.
 
     drop_*: with probability drop_prob a batch keeps only drop_keep of the visual tokens from decoder layer
     drop_layer on (RandomVisualDrop) - cheaper steps, and robustness to inference-time pruning.
@@ -206,9 +233,32 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     step = 0
+    ema: dict[str, torch.Tensor] | None = None
+    ema_n = 0
     if resuming:
-        step = load_optimizer_tensors(opt, load_file(str(out / "train_state.safetensors")))
-        log.info("resumed %s at step %d", out, step)
+        state = load_file(str(out / "train_state.safetensors"))
+        step = load_optimizer_tensors(opt, state)
+        raw = {k[4:]: v for k, v in state.items() if k.startswith("raw.")}
+        if ema_decay > 0:  # model.safetensors holds the EMA when the run kept one, else the raw weights
+            ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+            ema_n = int(state["ema_n"][0]) if "ema_n" in state else 0
+        if raw:
+            missing = model.load_state_dict(raw, strict=False).missing_keys
+            if any(n in missing for n, _ in model.named_parameters()):
+                raise UserError(f"{out}: train_state raw weights lack {missing[:3]}")
+        log.info("resumed %s at step %d%s", out, step, f" (EMA, {ema_n} updates)" if ema is not None else "")
+    elif ema_decay > 0:
+        ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def save(at: int) -> None:
+        extra = optimizer_tensors(opt, at)
+        if ema is None:
+            save_checkpoint(model, tok, stats, out, extra_state=extra)
+            return
+        extra.update({f"raw.{n}": p.detach().clone() for n, p in model.named_parameters()})
+        extra["ema_n"] = torch.tensor([ema_n], dtype=torch.int64)
+        with ema_weights(model, ema):
+            save_checkpoint(model, tok, stats, out, extra_state=extra)
     # held-out episodes for a validation loss (whole episodes, so frames of one demo never straddle the split)
     rng = np.random.default_rng(seed)
     n_val = int(round(len(files) * val_frac)) if len(files) >= 20 else 0
@@ -225,7 +275,7 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
             "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}
     print(json.dumps({"event": "start", "step": step, **info}), flush=True)
     if step == 0:
-        save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, 0))
+        save(0)
     t_begin = time.time()
     bar = tqdm(total=steps, initial=step, disable=not progress, mininterval=30)
     last: dict[str, float] = {}
@@ -250,6 +300,12 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        if ema is not None:
+            d = min(ema_decay, (1 + ema_n) / (10 + ema_n))
+            ema_n += 1
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
         window_n += batch_size
         bar.update(1)
         last = {"loss": float(loss.detach()), **metrics}
@@ -261,13 +317,17 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
             window_t, window_n = now, 0
             if step % (log_every * 8) == 0 and len(val_rows):
                 rec["val_loss"] = validate(model, data, val_rows, cfg, tok, act_norm, state_norm, bf16, seed)
+                if ema is not None:
+                    with ema_weights(model, ema):
+                        rec["val_loss_ema"] = validate(model, data, val_rows, cfg, tok, act_norm, state_norm, bf16,
+                                                       seed)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if step % save_every == 0 or step == steps:
-            save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, step))
+            save(step)
         if max_minutes is not None and time.time() - t_begin > max_minutes * 60:
-            save_checkpoint(model, tok, stats, out, extra_state=optimizer_tensors(opt, step))
+            save(step)
             break
     bar.close()
     data.close()
@@ -324,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--drop-keep", type=float, default=0.3)
     p.add_argument("--drop-prob", type=float, default=0.75)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0 = off)")
     p.add_argument("--config", default="{}", help="JSON overrides of VLAConfig fields (new runs only)")
     p.add_argument("--export", default=None, help="only export --out as a bf16 shipping checkpoint to this dir")
     a = p.parse_args(argv)
@@ -335,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("--data is required for training")
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                     lr=a.lr, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
-                    drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config))
+                    drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
+                    ema_decay=a.ema)
     print(json.dumps({"event": "done", **res}), flush=True)
 
 

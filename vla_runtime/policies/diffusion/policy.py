@@ -89,6 +89,8 @@ class DiffusionPolicy:
         t0 = time.perf_counter()
         with torch.inference_mode():
             feats = self._encode_history(obs)  # (1, To, F)
+            if self.device.type == "cuda":  # honest encoder / sampler split on an async device
+                torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()
             cond = feats.reshape(1, -1)  # (1, To*F)
             model_fn = self._model_fn(cond)

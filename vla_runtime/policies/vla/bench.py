@@ -59,24 +59,35 @@ def forward_gflops(policy: VLAPolicy, obs: Any) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def _policy_from(source: str | Path | VLAConfig | dict[str, Any], device: str, dtype: str, accel: tuple[str, ...]
-                 ) -> VLAPolicy:
+def _policy_from(source: str | Path | VLAConfig | dict[str, Any], device: str, dtype: str, accel: tuple[str, ...],
+                 model: VLAModel | None = None, cuda_graphs: bool | None = None) -> VLAPolicy:
+    """A policy from a checkpoint, or from a config with random weights. `model` (config sources only) reuses
+    an already built model, so variants of a large random model share one copy of its weights."""
     if isinstance(source, (str, Path)):
         from vla_runtime.policies import resolve_checkpoint
 
-        return load_vla_policy(resolve_checkpoint(str(source)), device=device, accel=accel, dtype=dtype)
+        return load_vla_policy(resolve_checkpoint(str(source)), device=device, accel=accel, dtype=dtype,
+                               cuda_graphs=cuda_graphs)
     cfg = source if isinstance(source, VLAConfig) else VLAConfig(**source)
     tok = WordTokenizer.from_instructions(["reach the red target"])
-    torch.manual_seed(0)
-    model = VLAModel(cfg, bos_id=tok.bos_id)
+    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    if model is None:
+        torch.manual_seed(0)
+        # built on the target device in the target dtype: a 7B-size random model never exists in fp32 on the CPU
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(tdt)
+        try:
+            with torch.device(device):
+                model = VLAModel(cfg, bos_id=tok.bos_id)
+        finally:
+            torch.set_default_dtype(prev)
     stats = {k: np.full(n, v, np.float32) for k, n, v in (("action_min", cfg.action_dim, -1.0),
                                                           ("action_max", cfg.action_dim, 1.0),
                                                           ("state_min", cfg.state_dim, -1.0),
                                                           ("state_max", cfg.state_dim, 1.0))}
     pruner, exit_policy = build_strategies(model, accel)
-    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     return VLAPolicy(model, tok, stats, device=device, dtype=tdt, pruner=pruner, exit_policy=exit_policy,
-                     name="vla:random", accel=accel)
+                     name="vla:random", accel=accel, cuda_graphs=cuda_graphs)
 
 
 def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any]:
@@ -110,9 +121,14 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
 def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int = 20, out_dir: str | Path | None = None,
               device: str = "cpu", dtype: str = "bf16", threads: int | None = 1, accel: Sequence[str] = (),
               keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0,
-              peak_seconds: float = 1.0) -> dict[str, Any]:
+              peak_seconds: float = 1.0, graphs: str = "auto") -> dict[str, Any]:
     """Benchmark a checkpoint ("vla:<name>", a name or a directory) or a config with random weights (None: the
-    default config). Writes out_dir/bench.json when out_dir is set; `format_table(result)` prints it."""
+    default config). Writes out_dir/bench.json when out_dir is set; `format_table(result)` prints it.
+
+    graphs (CUDA only): "auto" = the policy default (CUDA graphs on), "off", or "both": every variant runs eagerly
+    and then from CUDA graphs, named "<variant> (eager)" / "<variant> (graphs)"; the first is the baseline."""
+    if graphs not in ("auto", "off", "both"):
+        raise UserError(f"graphs must be auto, off or both, got {graphs!r}")
     if source is None:  # the default architecture with random weights
         source = VLAConfig()
     if isinstance(source, str) and source.startswith("vla:"):
@@ -121,36 +137,49 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
         torch.set_num_threads(threads)
     if steps < 1:
         raise UserError("--steps must be >= 1")
-    base = _policy_from(source, device, dtype, ())
+    cg = False if graphs == "off" else None
+    base = _policy_from(source, device, dtype, (), cuda_graphs=cg)
     cfg = base.cfg
     peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
-                              seconds=peak_seconds)
+                              seconds=peak_seconds, n=8192 if device.startswith("cuda") else 1024)
     env = DummyReachEnv(cameras=cfg.cameras, image_size=cfg.image_size)
     obs0 = env.reset(EpisodeSpec("dummy:reach", "reach", 0, seed))
     methods: list[dict[str, Any]] = []
     variants: list[tuple[str, VLAPolicy]] = [("full", base)]
+    shared = None if isinstance(source, (str, Path)) else base.model
     for name in accel:
-        variants.append((name, _policy_from(source, device, dtype, (name,)) if not isinstance(source, (str, Path))
-                         else load_vla_policy(source, device=device, accel=(name,), dtype=dtype)))
+        variants.append((name, _policy_from(source, device, dtype, (name,), model=shared, cuda_graphs=cg)))
     for k in keep:
-        pol = _policy_from(source, device, dtype, ()) if not isinstance(source, (str, Path)) else base
-        variants.append((f"random_keep{int(round(k * 100))}@L{drop_layer}", pol))
+        variants.append((f"random_keep{int(round(k * 100))}@L{drop_layer}", base))
     for name, pol in variants:
         saved = pol.pruner
         if name.startswith("random_keep"):
             k = float(name.split("keep")[1].split("@")[0]) / 100
             pol.pruner = RandomVisualDrop(drop_layer, k, generator=torch.Generator().manual_seed(seed))
+        lg = pol.model.layer_graphs
+        pol.model.layer_graphs = None  # FLOPs are counted per dispatched op: a graph replay dispatches none
         gfl = forward_gflops(pol, obs0)
-        m = {"name": name, **_run(pol, steps, warmup, seed), "gflops_per_step": round(gfl, 3)}
-        m["achieved_gflops_per_s"] = round(gfl / (m["total_ms_p50"] / 1e3), 2)
-        m["fraction_of_peak"] = round(m["achieved_gflops_per_s"] / peak, 3)
-        m["success_pct"], m["success_ci95"] = None, None
-        methods.append(m)
+        both = graphs == "both" and lg is not None
+        for g in ((None, lg) if both else (lg,)):
+            pol.model.layer_graphs = g
+            label = f"{name} ({'graphs' if g is not None else 'eager'})" if both else name
+            m = {"name": label, **_run(pol, steps, warmup, seed), "gflops_per_step": round(gfl, 3),
+                 "cuda_graphs": g is not None}
+            m["achieved_gflops_per_s"] = round(gfl / (m["total_ms_p50"] / 1e3), 2)
+            m["fraction_of_peak"] = round(m["achieved_gflops_per_s"] / peak, 3)
+            m["success_pct"], m["success_ci95"] = None, None
+            methods.append(m)
+        pol.model.layer_graphs = lg
         pol.pruner = saved
+    if base.model.layer_graphs is not None:
+        res_graphs = base.model.layer_graphs.stats()
+    else:
+        res_graphs = {}
     b50 = methods[0]["latency_ms_p50"]
     for m in methods:
         m["ratio_to_baseline"] = round(b50 / m["latency_ms_p50"], 3)
-    res: dict[str, Any] = {"bench": "vla", "env": "dummy:reach", "episodes": 0, "seeds": [seed], "baseline": "full",
+    res: dict[str, Any] = {"bench": "vla", "env": "dummy:reach", "episodes": 0, "seeds": [seed],
+           "baseline": methods[0]["name"], "cuda_graph_stats": res_graphs,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
                        "dtype": dtype, "matmul_peak_gflops": round(peak, 1),
@@ -194,13 +223,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--accel", default="", help="comma-separated registered accelerations")
     p.add_argument("--keep", default="", help="comma-separated random keep fractions, e.g. 0.5,0.3,0.2")
     p.add_argument("--drop-layer", type=int, default=1)
+    p.add_argument("--graphs", default="auto", choices=["auto", "off", "both"],
+                   help="CUDA graphs for the decoder layers (CUDA only): policy default, off, or both side by side")
     a = p.parse_args(argv)
     src: Any = a.source
     if a.source.lstrip().startswith("{"):
         src = json.loads(a.source)
     res = bench_vla(src, steps=a.steps, out_dir=a.out, device=a.device, dtype=a.dtype, threads=a.threads,
                     accel=[s for s in a.accel.split(",") if s], keep=[float(s) for s in a.keep.split(",") if s],
-                    drop_layer=a.drop_layer)
+                    drop_layer=a.drop_layer, graphs=a.graphs)
     print(format_table(res))
 
 

@@ -114,7 +114,9 @@ class RandomVisualDrop:
         is_vis = ctx.kinds == KIND_VISUAL  # (B, N)
         nv = int(is_vis[0].sum())
         k = max(1, int(round(nv * self.keep_frac)))
-        score = torch.rand(is_vis.shape, generator=self.gen, device=is_vis.device)
+        # drawn on the generator's device (a CPU generator stays reproducible for a model on the GPU)
+        gdev = self.gen.device if self.gen is not None else is_vis.device
+        score = torch.rand(is_vis.shape, generator=self.gen, device=gdev).to(is_vis.device)
         score = torch.where(is_vis, score, torch.full_like(score, 2.0))  # non-visual always kept
         n_keep = int((~is_vis[0]).sum()) + k
         idx = score.topk(n_keep, dim=1).indices  # (B, K)
@@ -262,6 +264,7 @@ class VLAModel(nn.Module):
         self.action_token_offset = vocab - cfg.n_bins if action_token_offset is None else action_token_offset
         if not 0 <= self.action_token_offset <= vocab - cfg.n_bins:
             raise UserError(f"action token offset {self.action_token_offset} out of the vocabulary ({vocab})")
+        self.layer_graphs: Any = None  # a cuda_graphs.LayerGraphs replays decoder layers on CUDA (set by VLAPolicy)
         n_learned = cfg.n_suffix if cfg.mode == "parallel" else 1  # queries, or the ACT_START token
         self.suffix_embed = nn.Parameter(torch.randn(n_learned, d) * 0.02)
         self.head: nn.Module
@@ -345,6 +348,7 @@ class VLAModel(nn.Module):
         mask: torch.Tensor | None = None
         pe: tuple[torch.Tensor, torch.Tensor] | None = None
         n_run = 0
+        n_visual: int | None = None  # counted when the token set changes, not per layer: a count is a device sync
         for i, layer in enumerate(dec.layers):
             ctx.layer_idx = i
             keep = pruner.before_layer(i, ctx)
@@ -355,7 +359,7 @@ class VLAModel(nn.Module):
                 h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
                 positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
                 ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
-                mask, pe = None, None
+                mask, pe, n_visual = None, None, None
             if pe is None:
                 pe = dec.rotary_emb(h, position_ids=positions)
             meta = cache.key_meta(i) if cache is not None else None
@@ -375,7 +379,9 @@ class VLAModel(nn.Module):
             if cache is not None:
                 cache.add_meta(i, positions, kinds, valid)
             ctx.tokens_per_layer.append(int(h.shape[1]))
-            ctx.visual_per_layer.append(int((kinds[0] == KIND_VISUAL).sum()))
+            if n_visual is None:
+                n_visual = int((kinds[0] == KIND_VISUAL).sum())
+            ctx.visual_per_layer.append(n_visual)
             h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=(i in want_attn), ctx=ctx, i=i)
             n_run = i + 1
             if exit_policy.after_layer(i, h, ctx):
@@ -392,6 +398,9 @@ class VLAModel(nn.Module):
         if cache is not None:
             kw.update(past_key_values=cache, use_cache=True)
         if not capture:
+            lg = self.layer_graphs
+            if lg is not None and cache is None and lg.usable(layer, h):
+                return lg.run(i, layer, h, mask, pe, positions)
             return layer(h, **kw)
         conf = layer.self_attn.config
         old = conf._attn_implementation

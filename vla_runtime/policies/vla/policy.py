@@ -119,11 +119,21 @@ class VLAPolicy:
     def __init__(self, model: VLAModel, tokenizer: WordTokenizer | HFTokenizer, stats: dict[str, np.ndarray],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None, name: str = "vla",
-                 accel: tuple[str, ...] = ()) -> None:
+                 accel: tuple[str, ...] = (), cuda_graphs: bool | None = None) -> None:
+        """cuda_graphs: replay decoder layers from CUDA graphs (see cuda_graphs.py); None = on for CUDA devices."""
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type == "cuda":
+            from vla_runtime.policies.vla.cuda_graphs import LayerGraphs
+
+            if self.model.layer_graphs is None:  # policies sharing a model share its graphs
+                self.model.layer_graphs = LayerGraphs()
+        elif not cuda_graphs:
+            self.model.layer_graphs = None
         self.tokenizer = tokenizer
         self.act_norm = Normalizer(stats["action_min"], stats["action_max"])
         self.state_norm = Normalizer(stats["state_min"], stats["state_max"])
@@ -307,7 +317,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
     if tdtype is None:
         raise UserError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    unknown_kw = sorted(set(kw) - {"env_name"})
+    unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
     load_accelerations()
@@ -328,4 +338,4 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     model.checkpoint_dir = str(d)  # strategies find their files next to the weights (<ckpt>/exit_predictors)
     pruner, exit_policy = build_strategies(model, tuple(accel), accel_options)
     return VLAPolicy(model, tok, stats, device=dev, dtype=tdtype, pruner=pruner, exit_policy=exit_policy,
-                     name=f"vla:{d.name}", accel=tuple(accel))
+                     name=f"vla:{d.name}", accel=tuple(accel), cuda_graphs=kw.get("cuda_graphs"))
