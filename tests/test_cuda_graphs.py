@@ -28,10 +28,12 @@ STATS = {k: np.full(n, v, np.float32) for k, n, v in (("action_min", 7, -1.0), (
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def policy(device: str, graphs: bool, mode: str = "parallel", accel: tuple[str, ...] = ()) -> VLAPolicy:
+def policy(device: str, graphs: bool, mode: str = "parallel", accel: tuple[str, ...] = (), layers: int = 4
+           ) -> VLAPolicy:
     tok = WordTokenizer.from_instructions([INSTR])
     torch.manual_seed(0)
-    model = VLAModel(VLAConfig(mode=mode, vocab_size=tok.vocab_size, **TINY), bos_id=tok.bos_id)  # type: ignore[arg-type]
+    cfg = VLAConfig(mode=mode, vocab_size=tok.vocab_size, **{**TINY, "layers": layers})  # type: ignore[arg-type]
+    model = VLAModel(cfg, bos_id=tok.bos_id)
     pruner, exit_policy = build_strategies(model, accel)
     return VLAPolicy(model, tok, STATS, device=device, dtype=torch.float32, pruner=pruner,
                      exit_policy=exit_policy, cuda_graphs=graphs)
@@ -93,3 +95,70 @@ def test_graphs_with_random_drops_and_ar_on_cuda() -> None:
     ar_e, ar_g = policy("cuda", graphs=False, mode="ar"), policy("cuda", graphs=True, mode="ar")
     for a, b in zip(rollout(ar_e, 2), rollout(ar_g, 2)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_vision_encoder_graph_on_cuda() -> None:
+    """The image encoder is one graph per image shape; a hook on the vision tower sends it back to eager."""
+    pol = policy("cuda", graphs=True)
+    lg = pol.model.layer_graphs
+    x = torch.rand(2, 3, 32, 32, device="cuda") * 2 - 1
+    with torch.inference_mode():
+        ref = pol.model.projector(pol.model.vision(pixel_values=x).last_hidden_state)
+        out = pol.model.encode_images(x[None])
+        assert ("vision", (2, 3, 32, 32), torch.float32) in lg._graphs
+        torch.testing.assert_close(out, ref.reshape(1, -1, ref.shape[-1]), atol=1e-5, rtol=1e-5)
+        n = lg.replays
+        seen: list[int] = []
+        h = pol.model.vision.register_forward_hook(lambda m, a, o: seen.append(1))
+        pol.model.encode_images(x[None])
+        h.remove()
+        assert seen and lg.replays == n  # ran eagerly, the hook fired
+
+
+class RecordingGraphs(LayerGraphs):
+    """Runs 'graphed' segments eagerly on any device and records them: checks the loop's segmentation on CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.segments: list[tuple[int, int]] = []
+
+    def usable(self, layer, h) -> bool:  # type: ignore[no-untyped-def, override]
+        mods = layer if isinstance(layer, tuple) else (layer,)
+        return not torch.is_grad_enabled() and not any(has_hooks(m) for m in mods)
+
+    def run(self, i, layers, h, mask, pe, positions):  # type: ignore[no-untyped-def, override]
+        self.segments.append((i, i + len(layers)))
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        return h
+
+    def run_callable(self, name, modules, fn, x):  # type: ignore[no-untyped-def, override]
+        return fn(x)
+
+
+@pytest.mark.parametrize("accel", [(), ("specprune",), ("random",)])
+def test_segments_between_pruning_points_equal_eager(accel: tuple[str, ...]) -> None:
+    """Layers between the points where the pruner acts run as one segment; results equal the per-layer loop."""
+    real = () if accel == ("random",) else accel
+    eager, seg = policy("cpu", graphs=False, accel=real, layers=12), policy("cpu", graphs=False, accel=real, layers=12)
+    if accel == ("random",):
+        for p in (eager, seg):
+            p.pruner = RandomVisualDrop(1, 0.5, generator=torch.Generator().manual_seed(0))
+    rec = RecordingGraphs()
+    seg.model.layer_graphs = rec
+    for a, b in zip(rollout(eager, 3), rollout(seg, 3)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    n = seg.model.n_layers
+    per_step = rec.segments[: len(rec.segments) // 3]
+    covered = sorted({j for a, b in per_step for j in range(a, b)})
+    if not accel:
+        assert per_step == [(0, n)]  # nothing acts: one graph for the whole decoder
+    elif accel == ("random",):
+        assert per_step == [(0, 1), (1, n)]  # the drop before layer 1 splits it once
+    else:
+        calls = seg.pruner.call_layers
+        assert all(not (a < j < b) for a, b in per_step for j in calls)  # never across a point where it acts
+        hooked = {j for j in range(n) if has_hooks(seg.model.decoder.layers[j])}
+        assert hooked and not hooked & set(covered)  # row-hooked layers run on their own, eagerly
+        assert len(per_step) < n - len(hooked)  # and some segments span several layers

@@ -7,8 +7,10 @@ GPU kernels, and keeping 20 % of the visual tokens only brought it to 19 ms. Tok
 only shows once the CPU no longer sets the pace.
 
 How it stays correct with pruning and early exit:
-- The loop stays in Python; only single layers are graphed. Pruners and exit policies run between layers as
-  before (they change the token set; a new shape gets its own graph, captured on first use).
+- The loop stays in Python. A pruner / exit policy that declares where it acts (`call_layers`, `check_layers`)
+  gets the runs of layers between those points as one graph each (e.g. SpecPrune: layers 2-7 of 8, then one
+  per dynamic-pruning stage); one that does not gets one graph per layer and its hooks called at every layer.
+  A changed token set (pruning) is a new shape: its graph is captured on first use.
 - A layer runs eagerly when it must: attention weights are requested (eager capture), a KV cache is in use (AR
   decoding), autograd is on, the tensors are not on CUDA, or the layer or any submodule has forward hooks (e.g.
   SpecPrune's row-score pre-hooks, early exit's lazy-KV hooks): hooks would only run at capture time.
@@ -18,13 +20,14 @@ How it stays correct with pruning and early exit:
   so a later capture reusing pool memory cannot clobber a live result.
 - At most `max_shapes` distinct input shapes are graphed (later ones run eagerly), and a capture that fails
   disables graphs for the model with one warning instead of failing the step.
+- The image encoder (vision tower + projector) is one graph per image-batch shape (`run_callable`).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +47,7 @@ class _Inputs:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     out: torch.Tensor
+    inp: torch.Tensor | None = None  # run_callable's static input
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -68,19 +72,27 @@ class LayerGraphs:
     _graphs: dict[tuple[Any, ...], _Graph] = field(default_factory=dict)
     _pool: Any = None
 
-    def usable(self, layer: nn.Module, h: torch.Tensor) -> bool:
-        return self.enabled and h.is_cuda and not torch.is_grad_enabled() and not has_hooks(layer)
+    def usable(self, layer: nn.Module | tuple[nn.Module, ...], h: torch.Tensor) -> bool:
+        mods = layer if isinstance(layer, tuple) else (layer,)
+        return self.enabled and h.is_cuda and not torch.is_grad_enabled() and not any(has_hooks(m) for m in mods)
 
-    def run(self, i: int, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None,
+    def run(self, i: int, layers: Sequence[nn.Module], h: torch.Tensor, mask: torch.Tensor | None,
             pe: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-        """Layer i on h (B, K, D), replayed from its graph for these shapes (captured on first use)."""
+        """Layers i .. i + len(layers) - 1 on h (B, K, D), replayed from one graph for these shapes (captured on
+        first use). The loop passes a run of layers between which no pruner / exit policy acts."""
+
+        def call_all(x: torch.Tensor, **kw: Any) -> torch.Tensor:
+            for layer in layers:
+                x = layer(x, **kw)
+            return x
+
         key = (tuple(h.shape), h.dtype, None if mask is None else (tuple(mask.shape), mask.dtype),
                tuple(pe[0].shape), tuple(positions.shape))
         inp = self._inputs.get(key)
         if inp is None:
             if len(self._inputs) >= self.max_shapes:
                 self.eager += 1
-                return layer(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+                return call_all(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
             inp = _Inputs(h=torch.empty_like(h), mask=None if mask is None else torch.empty_like(mask),
                           cos=torch.empty_like(pe[0]), sin=torch.empty_like(pe[1]), pos=torch.empty_like(positions))
             self._inputs[key] = inp
@@ -94,35 +106,63 @@ class LayerGraphs:
             inp.pos.copy_(positions)
             inp.src = src  # holding them keeps their identity unique while they are the current inputs
         inp.h.copy_(h)
-        g = self._graphs.get((i, key))
+        gkey = (i, len(layers), key)
+        g = self._graphs.get(gkey)
         if g is None:
-            try:
-                g = self._capture(layer, inp)
-            except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly from now on
-                self.enabled = False
-                warnings.warn(f"CUDA graph capture of decoder layer {i} failed ({type(e).__name__}: {e}); "
-                              "running the layer loop eagerly", stacklevel=2)
-                torch.cuda.synchronize()
-                return layer(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
-            self._graphs[(i, key)] = g
-            self.captures += 1
+            kw = dict(attention_mask=inp.mask, position_embeddings=(inp.cos, inp.sin), position_ids=inp.pos)
+            g = self._capture(lambda: call_all(inp.h, **kw), f"decoder layers {i}..{i + len(layers) - 1}")
+            if g is None:
+                return call_all(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+            self._graphs[gkey] = g
         g.graph.replay()
         self.replays += 1
         return g.out.clone()
 
-    def _capture(self, layer: nn.Module, inp: _Inputs) -> _Graph:
-        kw = dict(attention_mask=inp.mask, position_embeddings=(inp.cos, inp.sin), position_ids=inp.pos)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
-            for _ in range(2):
-                layer(inp.h, **kw)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = layer(inp.h, **kw)
+    def run_callable(self, name: str, modules: tuple[nn.Module, ...], fn: Callable[[torch.Tensor], torch.Tensor],
+                     x: torch.Tensor) -> torch.Tensor:
+        """fn(x) replayed from a graph per (name, x's shape and dtype); `modules` (what fn runs) are checked for
+        hooks. Used for the vision tower + projector: one graph for the whole image encoder."""
+        if not self.usable(modules, x):
+            return fn(x)
+        key = (name, tuple(x.shape), x.dtype)
+        g = self._graphs.get(key)
+        if g is None:
+            if sum(1 for k in self._graphs if k[0] == name) >= self.max_shapes:
+                self.eager += 1
+                return fn(x)
+            static = x.clone()
+            g = self._capture(lambda: fn(static), name)
+            if g is None:
+                return fn(x)
+            g.inp = static
+            self._graphs[key] = g
+        assert g.inp is not None
+        g.inp.copy_(x)
+        g.graph.replay()
+        self.replays += 1
+        return g.out.clone()
+
+    def _capture(self, call: Callable[[], torch.Tensor], what: str) -> _Graph | None:
+        """Warm up `call` on a side stream, capture it; None (and graphs off, one warning) if capture fails."""
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
+                for _ in range(2):
+                    call()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = call()
+        except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly from now on
+            self.enabled = False
+            warnings.warn(f"CUDA graph capture of {what} failed ({type(e).__name__}: {e}); running eagerly",
+                          stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        self.captures += 1
         return _Graph(graph=graph, out=out)
 
     def stats(self) -> dict[str, int]:

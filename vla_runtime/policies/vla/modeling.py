@@ -26,6 +26,7 @@ from torch import nn
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.cuda_graphs import has_hooks
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
 
 # token kinds (StepContext.kinds)
@@ -61,6 +62,10 @@ class StepContext:
 
 
 class TokenPruner(Protocol):
+    """Optional attribute `call_layers: frozenset[int]`: the only layers whose `before_layer` may act (return
+    indices or keep state); with CUDA graphs the loop then runs the layers between them as one graph and calls
+    `before_layer` only there. Without it, every layer is called (and graphed on its own)."""
+
     attention_layers: frozenset[int]
 
     def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
@@ -69,6 +74,9 @@ class TokenPruner(Protocol):
 
 
 class ExitPolicy(Protocol):
+    """Optional attribute `check_layers: frozenset[int]`: the only layers after which `after_layer` may act
+    (as `TokenPruner.call_layers`)."""
+
     attention_layers: frozenset[int]
 
     def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
@@ -79,6 +87,7 @@ class NoPruner:
     """Keeps every token (the default)."""
 
     attention_layers: frozenset[int] = frozenset()
+    call_layers: frozenset[int] = frozenset()
 
     def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
         return None
@@ -88,6 +97,7 @@ class NoExit:
     """Runs every layer (the default)."""
 
     attention_layers: frozenset[int] = frozenset()
+    check_layers: frozenset[int] = frozenset()
 
     def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
         return False
@@ -106,6 +116,7 @@ class RandomVisualDrop:
         if not 0.0 < keep_frac <= 1.0:
             raise UserError(f"keep fraction must be in (0, 1], got {keep_frac}")
         self.layer, self.keep_frac, self.gen = layer, keep_frac, generator
+        self.call_layers = frozenset({layer})
 
     def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
         if layer_idx != self.layer or self.keep_frac >= 1.0:
@@ -283,8 +294,17 @@ class VLAModel(nn.Module):
         """images (B, C, 3, H, W) in [-1, 1] -> projected visual tokens (B, C * P, D)."""
         B, C = images.shape[:2]
         dt = self.projector[0].weight.dtype
-        feats = self.vision(pixel_values=images.flatten(0, 1).to(dt)).last_hidden_state  # (B*C, P, Dv)
-        return self.projector(feats).reshape(B, C * feats.shape[1], -1)
+        x = images.flatten(0, 1).to(dt)
+
+        def encode(px: torch.Tensor) -> torch.Tensor:
+            return self.projector(self.vision(pixel_values=px).last_hidden_state)  # (B*C, P, D)
+
+        lg = self.layer_graphs
+        if lg is not None and not torch.is_grad_enabled():
+            proj = lg.run_callable("vision", (self.vision, self.projector), encode, x)
+        else:
+            proj = encode(x)
+        return proj.reshape(B, -1, proj.shape[-1])
 
     def layout(self, B: int, text_valid: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """positions, kinds, valid (B, seq_len) of the full layout (see VLAConfig)."""
@@ -349,7 +369,19 @@ class VLAModel(nn.Module):
         pe: tuple[torch.Tensor, torch.Tensor] | None = None
         n_run = 0
         n_visual: int | None = None  # counted when the token set changes, not per layer: a count is a device sync
-        for i, layer in enumerate(dec.layers):
+        lg = self.layer_graphs
+        layers = list(dec.layers)
+        n_layers = len(layers)
+        barriers: set[int] | None = None  # layers where a graphed segment must end before (None: no segments)
+        if lg is not None and cache is None and lg.usable((), h):
+            calls = getattr(pruner, "call_layers", None)
+            checks = getattr(exit_policy, "check_layers", None)
+            if calls is not None and checks is not None:
+                barriers = set(calls) | {j + 1 for j in checks} | set(want_attn)
+                barriers |= {j for j in range(n_layers) if j in want_attn or has_hooks(layers[j])}
+        i = 0
+        while i < n_layers:
+            layer = layers[i]
             ctx.layer_idx = i
             keep = pruner.before_layer(i, ctx)
             if keep is not None:
@@ -378,13 +410,24 @@ class VLAModel(nn.Module):
                 layer_mask = mask
             if cache is not None:
                 cache.add_meta(i, positions, kinds, valid)
-            ctx.tokens_per_layer.append(int(h.shape[1]))
             if n_visual is None:
                 n_visual = int((kinds[0] == KIND_VISUAL).sum())
-            ctx.visual_per_layer.append(n_visual)
-            h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=(i in want_attn), ctx=ctx, i=i)
-            n_run = i + 1
-            if exit_policy.after_layer(i, h, ctx):
+            end = i + 1
+            if barriers is not None and i not in want_attn and not has_hooks(layer):
+                while end < n_layers and end not in barriers:
+                    end += 1
+            for _ in range(i, end):
+                ctx.tokens_per_layer.append(int(h.shape[1]))
+                ctx.visual_per_layer.append(n_visual)
+            if end > i + 1:  # layers i..end-1 as one CUDA graph: nothing acts between them
+                assert lg is not None
+                h = lg.run(i, layers[i:end], h, layer_mask, pe, positions)
+            else:
+                h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=(i in want_attn), ctx=ctx,
+                                    i=i)
+            n_run = end
+            i = end
+            if exit_policy.after_layer(end - 1, h, ctx):
                 break
         ctx.exit_layer = n_run
         if final_norm:
@@ -400,7 +443,7 @@ class VLAModel(nn.Module):
         if not capture:
             lg = self.layer_graphs
             if lg is not None and cache is None and lg.usable(layer, h):
-                return lg.run(i, layer, h, mask, pe, positions)
+                return lg.run(i, [layer], h, mask, pe, positions)
             return layer(h, **kw)
         conf = layer.self_attn.config
         old = conf._attn_implementation

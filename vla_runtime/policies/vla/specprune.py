@@ -291,6 +291,9 @@ class SpecPrunePruner:
                 want |= set(c.local_layers)
         want |= set(self.importance_layers)
         self.score_layers = frozenset(want)  # layers whose text->vision attention the pruner reads
+        # every layer whose before_layer does something (CUDA graphs run the layers between them as one graph)
+        self.call_layers = frozenset({0, c.prune_layer} | set(self.dynamic_layers) | set(want)
+                                     | {j + 1 for j in self.importance_layers})
         self.attention_layers: frozenset[int] = frozenset(want)  # eager capture, unless row hooks replace it
         self._armed: dict[int, StepContext] = {}
         self._hooks: list[Any] = []
