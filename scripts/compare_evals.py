@@ -15,12 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from vla_runtime.envs.base import episode_key
+
 
 def outcomes(run: Path) -> tuple[str, list[tuple[str, bool, int]], dict]:
     info = json.loads((run / "eval_info.json").read_text())
     # the key is env|task|index|seed: the env part is left out so a remote:tcp://... run (the same env behind the
     # bridge) compares with the in-process one; a different env shows in the config difference
-    return info["config_hash"], [(e["key"].split("|", 1)[-1], bool(e["success"]), int(e["steps"]))
+    return info["config_hash"], [(episode_key(e["key"]), bool(e["success"]), int(e["steps"]))
                                  for e in info["per_episode"]], info
 
 

@@ -40,7 +40,7 @@ def test_libero_episode_over_the_bridge_matches_in_process() -> None:
         ep_local = local.episode_specs(seed=57, episodes=1)[0]
         # the handshake carries each task's init-state count: the client records the same init state
         assert ep_remote.init_state == ep_local.init_state == 7
-        assert ep_remote.key().split("|", 1)[1] == ep_local.key().split("|", 1)[1]
+        assert ep_remote.episode_key() == ep_local.episode_key()
         obs_r = remote.reset(ep_remote)  # the first reset builds the simulator in the agent process
         obs_l = local.reset(ep_local)
         pol_r, pol_l = make_policy("scripted", env_name=remote.spec.name), make_policy("scripted", env_name=ENV)

@@ -354,3 +354,13 @@ def test_future_state_does_not_stall_when_inference_is_faster_than_expected(env)
     finally:
         loop_mod._Inference.start = orig
     assert r.stall_ticks == 0
+
+
+def test_episode_key_drops_only_the_env() -> None:
+    from vla_runtime.envs.base import EpisodeSpec, episode_key
+
+    a = EpisodeSpec("libero:libero_object", "pick up the soup", 3, 5, init_state=7)
+    b = EpisodeSpec("remote:tcp://127.0.0.1:5555", "pick up the soup", 3, 5, init_state=7)
+    c = EpisodeSpec("remote:tcp://127.0.0.1:5555", "pick up the soup", 3, 5, init_state=8)
+    assert a.key() != b.key() and a.episode_key() == b.episode_key() != c.episode_key()
+    assert episode_key(a.key()) == a.episode_key() and "libero" not in a.episode_key()

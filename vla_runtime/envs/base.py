@@ -67,6 +67,11 @@ class EpisodeSpec:
         s = f"{self.env}|{self.task}|{self.seed}|{self.init_state}"
         return s
 
+    def episode_key(self) -> str:
+        """`key()` without the env name: the same episode run in process and over the bridge (env `remote:...`)
+        has the same episode_key."""
+        return episode_key(self.key())
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["extra"] = dict(self.extra)
@@ -190,3 +195,8 @@ def clear_gripper_commands(robots: Any) -> None:
         gripper = getattr(robot, "gripper", None)
         if gripper is not None and hasattr(gripper, "current_action"):
             gripper.current_action = np.zeros_like(gripper.current_action)
+
+
+def episode_key(key: str) -> str:
+    """An `EpisodeSpec.key()` string without its env part (for records read back from episodes.jsonl)."""
+    return key.split("|", 1)[-1]
