@@ -42,7 +42,9 @@ if has profile; then  # wall vs CPU vs GPU time, stock decoder vs our loop, eage
   timeout 300 $PY scripts/gpu_profile_vla.py --config oft --out "$OUT/profile_oft.json" 2>&1 | grep -v Warning | head -n 60
 fi
 if has step; then  # diffusion samplers on the GPU (synthetic observations): DDIM-10 / STEP-2 latency ratio
-  timeout 200 $PY -m vla_runtime.policies.diffusion.bench vla_runtime/policies/checkpoints/diffusion_lift \
-    --device cuda --chunks 60 --out "$OUT/step_gpu.json" 2>&1 | grep -v '^{' | tail -n 8
+  for g in "" "--no-cuda-graphs"; do
+    timeout 200 $PY -m vla_runtime.policies.diffusion.bench vla_runtime/policies/checkpoints/diffusion_lift \
+      --device cuda --chunks 60 $g --out "$OUT/step_gpu${g:+_eager}.json" 2>&1 | grep -v '^{' | tail -n 6
+  done
 fi
 ls -la "$OUT"

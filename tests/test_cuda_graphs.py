@@ -162,3 +162,29 @@ def test_segments_between_pruning_points_equal_eager(accel: tuple[str, ...]) -> 
         hooked = {j for j in range(n) if has_hooks(seg.model.decoder.layers[j])}
         assert hooked and not hooked & set(covered)  # row-hooked layers run on their own, eagerly
         assert len(per_step) < n - len(hooked)  # and some segments span several layers
+
+
+@cuda
+@pytest.mark.parametrize("sampler", ["ddim10", "step2"])
+def test_diffusion_denoiser_graphs_equal_eager_on_cuda(sampler: str) -> None:
+    from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.diffusion.policy import load_diffusion_policy
+    from vla_runtime.runtime.types import Observation
+
+    ckpt = resolve_checkpoint("diffusion_lift")
+    pols = [load_diffusion_policy(ckpt, device="cuda", sampler=sampler, cuda_graphs=g, seed=0) for g in (False, True)]
+    assert pols[0]._graphs is None and pols[1]._graphs is not None
+    spec = pols[0].spec
+    rng = np.random.default_rng(0)
+    outs: list[list[np.ndarray]] = [[], []]
+    frames = [{c: rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for c in spec.cameras}
+              for _ in range(3)]
+    states = [rng.uniform(-0.2, 0.2, spec.state_dim).astype(np.float32) for _ in range(3)]
+    for k, p in enumerate(pols):
+        p.reset("")
+        for i in range(3):
+            obs = Observation(images=frames[i], state=states[i], instruction="", stamp=0.0, step=i * spec.n_action_steps)
+            outs[k].append(p.act(obs).actions)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert pols[1]._graphs.replays > 0

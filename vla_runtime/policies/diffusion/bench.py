@@ -61,7 +61,8 @@ def bench_step(env: str = "robosuite:Lift", policy: str = "", episodes: int = 10
 
 
 def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim2", "step2", "step4", "predictor"),
-                  chunks: int = 40, threads: int = 1, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+                  chunks: int = 40, threads: int = 1, seed: int = 0, device: str = "cpu",
+                  cuda_graphs: bool | None = None) -> dict[str, Any]:
     """Per-chunk latency of each sampler on synthetic observations (no simulator), interleaved chunk by chunk
     so machine load drifts hit every sampler alike. Steady state: an episode's first chunk (always DDIM for
     STEP) is excluded. Returns {sampler: {p50, p95, encoder_ms, sampler_ms, predictor_ms, denoise_steps}}."""
@@ -72,7 +73,7 @@ def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim
     from vla_runtime.runtime.types import Observation
 
     torch.set_num_threads(threads)
-    pols = {s: load_diffusion_policy(Path(ckpt), sampler=s, device=device) for s in samplers}
+    pols = {s: load_diffusion_policy(Path(ckpt), sampler=s, device=device, cuda_graphs=cuda_graphs) for s in samplers}
     spec = next(iter(pols.values())).spec
     rng = np.random.default_rng(seed)
     frames = [{c: rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for c in spec.cameras}
@@ -167,11 +168,13 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--out", default=None, help="write the latency table as JSON to this file")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the denoiser eagerly")
     a = ap.parse_args()
     if a.offline:
         print(json.dumps(offline_eval(a.ckpt, a.offline, n=a.frames, threads=a.threads), indent=1))
         raise SystemExit(0)
-    res = bench_latency(a.ckpt, tuple(a.samplers.split(",")), a.chunks, a.threads, device=a.device)
+    res = bench_latency(a.ckpt, tuple(a.samplers.split(",")), a.chunks, a.threads, device=a.device,
+                        cuda_graphs=False if a.no_cuda_graphs else None)
     base = res[a.samplers.split(",")[0]]["p50_ms"]
     for s, r in res.items():
         print(f"{s:10s} p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f}  ratio {base / r['p50_ms']:5.2f}x  "
@@ -179,7 +182,7 @@ if __name__ == "__main__":
               f"calls {r['denoise_steps']:.0f}")
     import torch
 
-    rec = {"ckpt": str(a.ckpt), "device": a.device, "device_name": torch.cuda.get_device_name(a.device)
+    rec = {"ckpt": str(a.ckpt), "device": a.device, "cuda_graphs": not a.no_cuda_graphs, "device_name": torch.cuda.get_device_name(a.device)
            if a.device.startswith("cuda") else None, "torch": torch.__version__, "loadavg": os.getloadavg(),
            "results": res}
     print(json.dumps(rec))

@@ -42,10 +42,18 @@ DATA_FILE = "data.json"
 class DiffusionPolicy:
     """A visuomotor diffusion policy. Keeps the observation history and the previous chunk per episode."""
 
-    def __init__(self, model: DiffusionModel, cfg: DiffusionConfig, device: str = "cpu") -> None:
+    def __init__(self, model: DiffusionModel, cfg: DiffusionConfig, device: str = "cpu",
+                 cuda_graphs: bool | None = None) -> None:
+        """cuda_graphs: replay the denoiser from CUDA graphs (None = on for CUDA devices); see
+        vla_runtime/policies/vla/cuda_graphs.py. At batch 1 the U-Net is launch-bound on a GPU."""
         self.cfg = cfg
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self._graphs = None
+        if self.device.type == "cuda" and cuda_graphs is not False:
+            from vla_runtime.policies.vla.cuda_graphs import LayerGraphs
+
+            self._graphs = LayerGraphs()
         self.sched = NoiseSchedule(cfg.schedule)
         m = cfg.model
         self.spec = PolicySpec(action_dim=m.action_dim, chunk_size=m.horizon, n_action_steps=m.n_action_steps,
@@ -146,11 +154,19 @@ class DiffusionPolicy:
         use_bf16 = self._dtype == torch.bfloat16
         cond = cond.to(self.device, self._dtype)
 
+        def unet(x: torch.Tensor, tt: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            # no autocast weight-cast cache: a captured graph must not depend on it
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16, cache_enabled=False):
+                return self.model.unet(x, tt, c).float()
+
         def fn(x: torch.Tensor, t: int) -> torch.Tensor:
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = self.model.unet(x.to(self.device, self._dtype), tt, cond)
-            return out.float().cpu()  # schedule math on CPU in fp32
+            xd = x.to(self.device, self._dtype)
+            if self._graphs is not None:
+                out = self._graphs.run_callable("unet", (self.model.unet,), unet, xd, tt, cond)
+            else:
+                out = unet(xd, tt, cond)
+            return out.cpu()  # schedule math on CPU in fp32
 
         return fn
 
@@ -259,10 +275,11 @@ def load_diffusion_policy(ckpt_dir: Path | str, device: str = "cpu", sampler: st
 
     sampler: ddpm | ddim<k> | step<k> | predictor (None = the checkpoint's default). Extra keyword arguments
     override `SamplerConfig` fields (eta, step_start_t, stall_eps, sigma_stall, sigma_scale, perturb, seed,
-    dtype, first_chunk_steps); unknown ones raise UserError."""
+    dtype, first_chunk_steps) and `cuda_graphs` (bool; default on for CUDA); unknown ones raise UserError."""
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
     model, cfg = load_model(ckpt_dir)
+    cuda_graphs = kw.pop("cuda_graphs", None)
     known = set(SamplerConfig.__dataclass_fields__)
     bad = sorted(set(kw) - known)
     if bad:
@@ -273,4 +290,4 @@ def load_diffusion_policy(ckpt_dir: Path | str, device: str = "cpu", sampler: st
     cfg.sampler = SamplerConfig(**fields_)
     if cfg.sampler.step_start_t > cfg.schedule.num_train_timesteps:
         raise UserError(f"step_start_t {cfg.sampler.step_start_t} > T = {cfg.schedule.num_train_timesteps}")
-    return DiffusionPolicy(model, cfg, device=device)
+    return DiffusionPolicy(model, cfg, device=device, cuda_graphs=cuda_graphs)

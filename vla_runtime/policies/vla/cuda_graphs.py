@@ -47,7 +47,7 @@ class _Inputs:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     out: torch.Tensor
-    inp: torch.Tensor | None = None  # run_callable's static input
+    inp: list[torch.Tensor] | None = None  # run_callable's static inputs
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -118,26 +118,28 @@ class LayerGraphs:
         self.replays += 1
         return g.out.clone()
 
-    def run_callable(self, name: str, modules: tuple[nn.Module, ...], fn: Callable[[torch.Tensor], torch.Tensor],
-                     x: torch.Tensor) -> torch.Tensor:
-        """fn(x) replayed from a graph per (name, x's shape and dtype); `modules` (what fn runs) are checked for
-        hooks. Used for the vision tower + projector: one graph for the whole image encoder."""
-        if not self.usable(modules, x):
-            return fn(x)
-        key = (name, tuple(x.shape), x.dtype)
+    def run_callable(self, name: str, modules: tuple[nn.Module, ...], fn: Callable[..., torch.Tensor],
+                     *xs: torch.Tensor) -> torch.Tensor:
+        """fn(*xs) replayed from a graph per (name, the inputs' shapes and dtypes); `modules` (what fn runs) are
+        checked for hooks. Used for the VLA's image encoder (vision tower + projector) and the diffusion
+        policy's denoiser (one graph per sampler step shape, replayed 2-10 times per chunk)."""
+        if not xs or not self.usable(modules, xs[0]):
+            return fn(*xs)
+        key = (name, *((tuple(x.shape), x.dtype) for x in xs))
         g = self._graphs.get(key)
         if g is None:
             if sum(1 for k in self._graphs if k[0] == name) >= self.max_shapes:
                 self.eager += 1
-                return fn(x)
-            static = x.clone()
-            g = self._capture(lambda: fn(static), name)
+                return fn(*xs)
+            static = [x.clone() for x in xs]
+            g = self._capture(lambda: fn(*static), name)
             if g is None:
-                return fn(x)
+                return fn(*xs)
             g.inp = static
             self._graphs[key] = g
         assert g.inp is not None
-        g.inp.copy_(x)
+        for buf, x in zip(g.inp, xs):
+            buf.copy_(x)
         g.graph.replay()
         self.replays += 1
         return g.out.clone()
