@@ -106,7 +106,7 @@ def test_vision_encoder_graph_on_cuda() -> None:
     with torch.inference_mode():
         ref = pol.model.projector(pol.model.vision(pixel_values=x).last_hidden_state)
         out = pol.model.encode_images(x[None])
-        assert ("vision", (2, 3, 32, 32), torch.float32) in lg._graphs
+        assert ("vision", ((2, 3, 32, 32), torch.float32)) in lg._graphs  # (name, (shape, dtype) per input)
         torch.testing.assert_close(out, ref.reshape(1, -1, ref.shape[-1]), atol=1e-5, rtol=1e-5)
         n = lg.replays
         seen: list[int] = []
