@@ -118,10 +118,9 @@ class DiffusionPolicy:
                 n_exec = int(np.clip(int(obs.step) - self._prev_step, 0, m.horizon))
                 tp = time.perf_counter()
                 prev = shift_chunk(self._prev_norm, n_exec)  # (1, H, A)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16):
-                    proposal = self.model.predictor(feats.to(self.device, self._dtype),
-                                                    prev.to(self.device, self._dtype),
-                                                    torch.tensor([n_exec], device=self.device))
+                proposal = self._graphed("predictor", (self.model.predictor,), self._predict_fn,
+                                         feats.to(self.device, self._dtype), prev.to(self.device, self._dtype),
+                                         torch.tensor([n_exec], device=self.device))
                 proposal = proposal.float().cpu().clamp(-1, 1)
                 pred_ms = (time.perf_counter() - tp) * 1e3
                 warm = True
@@ -150,6 +149,22 @@ class DiffusionPolicy:
         return ActionChunk(actions=actions, stamp=obs.stamp, info=info)
 
     # ------------------------------------------------------------------ internals
+    def _graphed(self, name: str, modules: tuple[torch.nn.Module, ...], fn: Any, *xs: torch.Tensor) -> torch.Tensor:
+        """fn(*xs), replayed from a CUDA graph when this policy has them (CUDA device), else run directly."""
+        if self._graphs is not None:
+            return self._graphs.run_callable(name, modules, fn, *xs)
+        return fn(*xs)
+
+    def _encode_fn(self, imgs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16,
+                            cache_enabled=False):
+            return self.model.encode(imgs, states)
+
+    def _predict_fn(self, feats: torch.Tensor, prev: torch.Tensor, n_exec: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16,
+                            cache_enabled=False):
+            return self.model.predictor(feats, prev, n_exec)
+
     def _model_fn(self, cond: torch.Tensor):  # noqa: ANN202 - returns a ModelFn
         use_bf16 = self._dtype == torch.bfloat16
         cond = cond.to(self.device, self._dtype)
@@ -191,8 +206,8 @@ class DiffusionPolicy:
         if todo:
             imgs = torch.stack([self._preprocess(snapshot[s]) for s in todo])[None]  # (1, n, Ncam, 3, c, c)
             states = torch.stack([torch.as_tensor(np.asarray(snapshot[s].state, np.float32)) for s in todo])[None]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._dtype == torch.bfloat16):
-                f = self.model.encode(imgs.to(self.device), self.model.normalize_state(states.to(self.device)))
+            f = self._graphed("encoder", (self.model,), self._encode_fn, imgs.to(self.device),
+                              self.model.normalize_state(states.to(self.device)))
             for s, fs in zip(todo, f[0].float().cpu()):
                 self._feat_cache[s] = fs
         out = torch.stack([self._feat_cache[s] for s in steps])[None]  # (1, To, F)
