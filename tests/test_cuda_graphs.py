@@ -52,8 +52,12 @@ def rollout(pol: VLAPolicy, steps: int = 4) -> list[np.ndarray]:
 
 
 def test_cpu_policy_never_attaches_graphs() -> None:
+    from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.diffusion.policy import load_diffusion_policy
+
     assert policy("cpu", graphs=True).model.layer_graphs is None
     assert policy("cpu", graphs=None).model.layer_graphs is None  # type: ignore[arg-type]
+    assert load_diffusion_policy(resolve_checkpoint("diffusion_lift"), cuda_graphs=True)._graphs is None
 
 
 def test_hook_detection() -> None:
