@@ -377,8 +377,9 @@ class VLAModel(nn.Module):
             calls = getattr(pruner, "call_layers", None)
             checks = getattr(exit_policy, "check_layers", None)
             if calls is not None and checks is not None:
+                # where a strategy acts, and layers that must run on their own (attention capture, hooks)
                 barriers = set(calls) | {j + 1 for j in checks} | set(want_attn)
-                barriers |= {j for j in range(n_layers) if j in want_attn or has_hooks(layers[j])}
+                barriers |= {j for j in range(n_layers) if has_hooks(layers[j])}
         i = 0
         while i < n_layers:
             layer = layers[i]
