@@ -151,6 +151,7 @@ def train(
     mode: Literal["parallel", "ar"] = "parallel",
     checkpoint: str | None = None,
     device: str = "cpu",
+    ema: float = 0.0,
 ) -> None:
     """Train a policy on demo directories (comma-separated DATA) into OUT; resumable.
 
@@ -165,6 +166,8 @@ def train(
         mode: vla decoding mode: parallel (OFT-style chunk, L1) or ar (OpenVLA-style action tokens).
         checkpoint: the VLA checkpoint to train exit predictors for.
         device: torch device.
+        ema: vla: EMA decay of the weights saved as model.safetensors (e.g. 0.999; 0 = off; diffusion always
+            keeps an EMA).
     """
     if threads:
         import torch
@@ -181,7 +184,7 @@ def train(
     elif policy == "vla":
         from vla_runtime.train.train_vla import train_vla
 
-        train_vla(dirs, out, mode=mode, steps=steps, batch_size=batch_size, resume=resume)
+        train_vla(dirs, out, mode=mode, steps=steps, batch_size=batch_size, resume=resume, ema_decay=ema)
     else:
         if not checkpoint:
             raise UserError("--checkpoint is required for exit-predictors")
