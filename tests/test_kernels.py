@@ -96,6 +96,7 @@ def test_attention_importance_peaks_where_queries_look() -> None:
     attn = torch.zeros(1, 2, 10, 10)
     attn[:, :, 8:, 4] = 1.0  # both query rows put all their attention on key 4
     out = K.attention_importance(attn, [8, 9], range(2, 8))
+    assert out.shape == (1, 6) and int(out[0].argmax()) == 2  # key 4 is index 2 of the scored range 2..7
     expected = torch.zeros(1, 6)
     expected[0, 2] = 1.0
     _close(out, expected)
@@ -253,13 +254,7 @@ def test_keep_index_helpers() -> None:
 # ----------------------------------------------------------------------------------------- exit_predictor
 
 def _exit_inputs(B: int, D: int, V: int, C: int, Hd: int, dtype: torch.dtype):
-    hidden = torch.randn(B, D).to(dtype)
-    norm_w = (1 + 0.1 * torch.randn(D)).to(dtype)
-    head = (torch.randn(V, D) / D**0.5 * 4).to(dtype)  # logits of a few units, softmax not saturated
-    cand = torch.stack([torch.randperm(V)[:C] for _ in range(B)])
-    prev = torch.softmax(torch.randn(B, C), -1)
-    mlp = K.ExitMLP(C, Hd)
-    return hidden, norm_w, head, cand, prev, mlp
+    return K.random_exit_inputs(B, D, V, C, Hd, dtype)  # logits of a few units, softmax not saturated
 
 
 @interp

@@ -96,13 +96,8 @@ def test_gather_tokens_cuda(dtype: torch.dtype, B: int, N: int, D: int, Kk: int)
 @pytest.mark.parametrize("dtype,D,V,C", [(torch.bfloat16, 4096, 32000, 8), (torch.float32, 512, 2048, 16),
                                          (torch.float32, 300, 500, 5)])
 def test_exit_predictor_cuda(dtype: torch.dtype, D: int, V: int, C: int) -> None:
-    B, Hd = 3, 64
-    hidden = (torch.randn(B, D, device=DEV) * 2).to(dtype)
-    norm_w = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype)
-    head = (torch.randn(V, D, device=DEV) / D ** 0.5).to(dtype)
-    cand = torch.stack([torch.randperm(V, device=DEV)[:C] for _ in range(B)])
-    prev = torch.softmax(torch.randn(B, C, device=DEV), -1)
-    mlp = K.ExitMLP(C, Hd).to(DEV)
+    hidden, norm_w, head, cand, prev, mlp = K.random_exit_inputs(3, D, V, C, 64, dtype, DEV, hidden_scale=2.0,
+                                                                 head_scale=1.0)
     params = mlp.kernel_params()
     out = K.exit_predictor(hidden, norm_w, 1e-6, head, cand, prev, *params)
     assert K.last_backend("exit_predictor") == "triton"

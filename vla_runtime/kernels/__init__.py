@@ -35,6 +35,7 @@ from vla_runtime.kernels.exit_predictor import (
     exit_predictor_torch,
     exit_predictor_triton,
     full_head_check,
+    random_exit_inputs,
 )
 from vla_runtime.kernels.gather_tokens import (
     gather_tokens,

@@ -199,3 +199,17 @@ class ExitMLP(nn.Module):
         params = (self.fc1.weight.t(), self.fc1.bias, self.fc2.weight.t(), self.fc2.bias)
         w1, b1, w2, b2 = (p.detach().contiguous().clone() for p in params)  # copies: no autograd link
         return w1, b1, w2, b2
+
+
+def random_exit_inputs(B: int, D: int, V: int, C: int, Hd: int, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu", hidden_scale: float = 1.0, head_scale: float = 4.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ExitMLP]:
+    """Random inputs of `exit_predictor` (from torch's global RNG): hidden (B, D), norm weight (D,), LM head
+    (V, D) scaled by head_scale / sqrt(D) (logits of a few units), candidates (B, C), previous probabilities
+    (B, C) and an `ExitMLP(C, Hd)` on `device`. For tests and benchmarks."""
+    hidden = (torch.randn(B, D, device=device) * hidden_scale).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(D, device=device)).to(dtype)
+    head = (torch.randn(V, D, device=device) / D ** 0.5 * head_scale).to(dtype)
+    cand = torch.stack([torch.randperm(V, device=device)[:C] for _ in range(B)])
+    prev = torch.softmax(torch.randn(B, C, device=device), -1)
+    return hidden, norm_w, head, cand, prev, ExitMLP(C, Hd).to(device)

@@ -373,13 +373,13 @@ class VLAModel(nn.Module):
         layers = list(dec.layers)
         n_layers = len(layers)
         barriers: set[int] | None = None  # layers where a graphed segment must end before (None: no segments)
+        solo: set[int] = set()  # layers that must run on their own (attention capture, hooks)
         if lg is not None and cache is None and lg.usable((), h):
             calls = getattr(pruner, "call_layers", None)
             checks = getattr(exit_policy, "check_layers", None)
             if calls is not None and checks is not None:
-                # where a strategy acts, and layers that must run on their own (attention capture, hooks)
-                barriers = set(calls) | {j + 1 for j in checks} | set(want_attn)
-                barriers |= {j for j in range(n_layers) if has_hooks(layers[j])}
+                solo = set(want_attn) | {j for j in range(n_layers) if has_hooks(layers[j])}
+                barriers = set(calls) | {j + 1 for j in checks} | solo  # where a strategy acts, and the solo layers
         i = 0
         while i < n_layers:
             layer = layers[i]
@@ -414,7 +414,7 @@ class VLAModel(nn.Module):
             if n_visual is None:
                 n_visual = int((kinds[0] == KIND_VISUAL).sum())
             end = i + 1
-            if barriers is not None and i not in want_attn and not has_hooks(layer):
+            if barriers is not None and i not in solo:
                 while end < n_layers and end not in barriers:
                     end += 1
             for _ in range(i, end):
