@@ -275,3 +275,46 @@ def test_committed_actions_are_the_start_of_the_chunk(sampler: str) -> None:
     off = tiny_policy(sampler, inpaint_committed=False)
     off.reset(obs.instruction)
     assert off.act(dataclasses.replace(obs, committed_actions=committed)).info["inpainted"] == 0
+
+
+def test_fork_shares_the_network_but_not_the_episode_state() -> None:
+    p = tiny_policy("step2", seed=0)
+    q = p.fork("ddim2", seed=1)
+    assert q.model is p.model and q.cfg.sampler.name == "ddim2" and p.cfg.sampler.name == "step2"
+    assert q.cfg.sampler.seed == 1 and p.cfg.sampler.seed != 1
+    run_episode(p, chunks=2)
+    assert p._prev_norm is not None and q._prev_norm is None  # q's episode state is its own
+    chunks = run_episode(q, chunks=2)
+    assert [c.info["sampler"] for c in chunks] == ["ddim2", "ddim2"]
+    assert all(c.info["denoise_steps"] == 2 for c in chunks)
+    # same network, same seed and sampler: a fork acts exactly like a freshly built policy over that network
+    fresh = DiffusionPolicy(p.model, DiffusionConfig(model=p.cfg.model, sampler=SamplerConfig(name="ddim2", seed=1)))
+    assert np.array_equal(run_episode(fresh, chunks=2)[1].actions, chunks[1].actions)
+
+
+def test_fine_tune_starts_from_the_checkpoint_and_keeps_its_normalisation(tmp_path: Path) -> None:
+    from vla_runtime.policies.diffusion.policy import load_model
+
+    demos, other = tmp_path / "demos", tmp_path / "other"
+    write_dummy_demos(demos, 4, image_size=32)
+    write_dummy_demos(other, 3, seed0=7, image_size=32, speed=0.6)
+    kw = dict(progress=False, log_every=5, save_every=5, warmup_steps=2)
+    train_diffusion(demos, tmp_path / "a", steps=10, batch_size=8, resume=False, model_cfg=tiny_model_cfg(),
+                    lr=2e-3, **kw)
+    a, _ = load_model(tmp_path / "a")
+    # fine-tune on other demos with a negligible learning rate: the result is the starting checkpoint
+    train_diffusion(other, tmp_path / "b", steps=1, batch_size=8, resume=False, init_from=tmp_path / "a",
+                    lr=1e-12, **kw)
+    b, bcfg = load_model(tmp_path / "b")
+    assert bcfg.model == a.cfg
+    for k, v in a.state_dict().items():
+        assert torch.allclose(b.state_dict()[k].float(), v.float(), atol=2e-3), k
+    assert torch.equal(b.action_min, a.action_min) and torch.equal(b.state_max, a.state_max)
+    # a fresh run on the same other demos computes its own statistics, i.e. the kept ones were not a coincidence
+    train_diffusion(other, tmp_path / "c", steps=1, batch_size=8, resume=False, model_cfg=tiny_model_cfg(), **kw)
+    c, _ = load_model(tmp_path / "c")
+    assert not (torch.equal(c.action_min, a.action_min) and torch.equal(c.action_max, a.action_max))
+    with pytest.raises(UserError, match="px"):
+        write_dummy_demos(tmp_path / "big", 2, image_size=48)
+        train_diffusion(tmp_path / "big", tmp_path / "d", steps=1, batch_size=8, resume=False,
+                        init_from=tmp_path / "a", **kw)

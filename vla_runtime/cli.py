@@ -152,6 +152,7 @@ def train(
     checkpoint: str | None = None,
     device: str = "cpu",
     ema: float = 0.0,
+    init_from: str | None = None,
 ) -> None:
     """Train a policy on demo directories (comma-separated DATA) into OUT; resumable.
 
@@ -168,6 +169,8 @@ def train(
         device: torch device.
         ema: vla: EMA decay of the weights saved as model.safetensors (e.g. 0.999; 0 = off; diffusion always
             keeps an EMA).
+        init_from: diffusion: fine-tune from this checkpoint (shipped name or dir) when OUT holds no training
+            state; its weights and normalisation are kept, the optimiser starts fresh.
     """
     if threads:
         import torch
@@ -180,7 +183,15 @@ def train(
     if policy == "diffusion":
         from vla_runtime.train.train_diffusion import train_diffusion
 
-        train_diffusion(dirs if len(dirs) > 1 else dirs[0], out, steps=steps, batch_size=batch_size, resume=resume)
+        init = None
+        if init_from:
+            from vla_runtime.policies import resolve_checkpoint
+
+            init = resolve_checkpoint(init_from)
+        train_diffusion(dirs if len(dirs) > 1 else dirs[0], out, steps=steps, batch_size=batch_size, resume=resume,
+                        init_from=init)
+    elif init_from:
+        raise UserError("--init-from is implemented for --policy diffusion only")
     elif policy == "vla":
         from vla_runtime.train.train_vla import train_vla
 

@@ -182,8 +182,13 @@ def _lr_factor(step: int, tc: TrainConfig) -> float:
 
 def train_diffusion(data_dir: str | Path | list[str | Path], out_dir: str | Path, steps: int = 20000, batch_size: int = 64,
                     resume: bool = True, model_cfg: ModelConfig | None = None, progress: bool = True,
-                    **train_overrides: Any) -> dict[str, Any]:
-    """Train (or resume) and write checkpoints to out_dir. Returns a summary (final losses, samples/s)."""
+                    init_from: str | Path | None = None, **train_overrides: Any) -> dict[str, Any]:
+    """Train (or resume) and write checkpoints to out_dir. Returns a summary (final losses, samples/s).
+
+    init_from: a (shipped) checkpoint directory to fine-tune from when out_dir holds no training state: its
+    weights (the EMA it ships) start both the raw and the EMA weights, and its architecture and normalisation
+    statistics are kept (recomputing them would shift what the network has learned); the optimiser starts fresh.
+    Ignored when resuming."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_json = out / STATE_JSON
@@ -194,6 +199,12 @@ def train_diffusion(data_dir: str | Path | list[str | Path], out_dir: str | Path
     else:
         tc = TrainConfig(steps=steps, batch_size=batch_size, **train_overrides)
         cfg = DiffusionConfig(model=model_cfg or ModelConfig(), train=tc)
+    init_model = None
+    if init_from is not None and not resuming:
+        from vla_runtime.policies.diffusion.policy import load_model
+
+        init_model, init_cfg = load_model(init_from)
+        cfg.model, cfg.schedule = init_cfg.model, init_cfg.schedule
     tc = cfg.train
     torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
@@ -202,19 +213,25 @@ def train_diffusion(data_dir: str | Path | list[str | Path], out_dir: str | Path
     t_load = time.perf_counter()
     ds = load_demos(data_dir, cfg.model.cameras, cfg.model.resize_to, tc.max_demos)
     if ds.actions.shape[1] != cfg.model.action_dim or ds.states.shape[1] != cfg.model.state_dim:
-        if resuming:
+        if resuming or init_model is not None:
             raise UserError(f"demos in {data_dir} have action/state dims {ds.actions.shape[1]}/{ds.states.shape[1]}, "
                             f"checkpoint expects {cfg.model.action_dim}/{cfg.model.state_dim}")
         cfg.model = ModelConfig(**{**cfg.model.__dict__, "action_dim": int(ds.actions.shape[1]),
                                    "state_dim": int(ds.states.shape[1])})
     if not resuming:
+        if init_model is not None and ds.image_size != cfg.model.image_size:
+            raise UserError(f"demos in {data_dir} have {ds.image_size}px images, {init_from} was trained on "
+                            f"{cfg.model.image_size}px")
         cfg.model = ModelConfig(**{**cfg.model.__dict__, "image_size": ds.image_size})
         cfg.env, cfg.task = ds.env, ds.task
     print(f"[train_diffusion] {len(ds.seeds)} demos, {len(ds)} frames, images {ds.image_size}px -> "
           f"{cfg.model.resize_to}/{cfg.model.crop_size}, loaded in {time.perf_counter() - t_load:.1f}s", flush=True)
 
     model = DiffusionModel(cfg.model)
-    if not resuming:
+    if init_model is not None:
+        model.load_state_dict({k: v.float() for k, v in init_model.state_dict().items()})
+        print(f"[train_diffusion] initialised from {init_from} (its weights and normalisation)", flush=True)
+    elif not resuming:
         amin, amax = minmax_stats(ds.actions)
         smin, smax = minmax_stats(ds.states)
         model.action_min.copy_(amin)
@@ -353,12 +370,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=1000)
     ap.add_argument("--max-demos", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune from this checkpoint dir (shipped name or path) when out-dir has no state")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    ap.add_argument("--warmup-steps", type=int, default=None)
     a = ap.parse_args(argv)
     try:
         dirs = [d for d in a.data_dir.split(",") if d]
+        over = {k: v for k, v in (("lr", a.lr), ("warmup_steps", a.warmup_steps)) if v is not None}
+        init = None
+        if a.init_from:
+            from vla_runtime.policies import resolve_checkpoint
+
+            init = resolve_checkpoint(a.init_from)
         s = train_diffusion(dirs if len(dirs) > 1 else dirs[0], a.out_dir, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                             progress=not a.no_progress, num_threads=a.threads, save_every=a.save_every,
-                            max_demos=a.max_demos)
+                            max_demos=a.max_demos, init_from=init, **over)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(s))

@@ -73,7 +73,8 @@ def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim
     from vla_runtime.runtime.types import Observation
 
     torch.set_num_threads(threads)
-    pols = {s: load_diffusion_policy(Path(ckpt), sampler=s, device=device, cuda_graphs=cuda_graphs) for s in samplers}
+    base = load_diffusion_policy(Path(ckpt), sampler=samplers[0], device=device, cuda_graphs=cuda_graphs)
+    pols = {s: base if i == 0 else base.fork(s) for i, s in enumerate(samplers)}  # one network, N strategies
     spec = next(iter(pols.values())).spec
     rng = np.random.default_rng(seed)
     frames = [{c: rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for c in spec.cameras}

@@ -15,6 +15,8 @@ fp16 storage for float weights), optional data.json (which demo seeds were used 
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import threading
@@ -78,6 +80,15 @@ class DiffusionPolicy:
         """Switch the sampling strategy in place (the denoiser is unchanged): e.g. for a benchmark loop."""
         self.cfg.sampler = SamplerConfig(**{**self.cfg.sampler.__dict__, "name": sampler, **overrides})
         self.spec = replace(self.spec, name=f"diffusion-{self.cfg.sampler.name}")
+
+    def fork(self, sampler: str, **overrides: Any) -> "DiffusionPolicy":
+        """A second policy over the *same* network (weights shared, not copied) with its own sampler, history and
+        previous chunk: the sampler strategies of a benchmark then run on one model in memory, as a deployment
+        would, instead of N copies that evict each other's weights from the CPU caches."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.sampler = SamplerConfig(**{**cfg.sampler.__dict__, "name": sampler, **overrides})
+        return DiffusionPolicy(self.model, cfg, device=str(self.device),
+                               cuda_graphs=None if self._graphs is not None else False)
 
     def observe(self, obs: Observation) -> None:
         """Record an observation without acting: the runtime feeds every tick's frame, so the history of a chunk
