@@ -318,3 +318,45 @@ def test_fine_tune_starts_from_the_checkpoint_and_keeps_its_normalisation(tmp_pa
         write_dummy_demos(tmp_path / "big", 2, image_size=48)
         train_diffusion(tmp_path / "big", tmp_path / "d", steps=1, batch_size=8, resume=False,
                         init_from=tmp_path / "a", **kw)
+
+
+# ----------------------------------------------------------------------------- stall test (bench stall)
+
+
+@pytest.mark.parametrize("perturb", [True, False])
+def test_stall_injection_holds_then_warm_starts_from_the_motionless_chunk(perturb: bool) -> None:
+    from vla_runtime.policies.diffusion.bench import StallInjection
+    from vla_runtime.runtime.loop import LoopConfig, run_episode as loop_episode
+
+    w = StallInjection(tiny_policy("step2", perturb=perturb), hold_at=16, stall_eps=0.01)
+    infos: list[dict] = []
+    inner_act = w.inner.act
+    w.inner.act = lambda obs: (lambda ch: (infos.append({**ch.info, "step": int(obs.step)}), ch)[1])(inner_act(obs))
+    env = DummyReachEnv(image_size=32)
+    r = loop_episode(env, w, EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=3),
+                     LoopConfig(clock="unpaced", mode="sync", max_steps=48))
+    assert r.steps == 48
+    assert w.held_steps == 8  # one chunk of zero motion, executed by the env
+    assert [i["step"] for i in infos] == [0, 8, 24, 32, 40]  # no inference for the held chunk at 16
+    after = infos[2]
+    assert after["warm_start"] is True and after["action_speed"] == 0.0  # its previous plan: stand still
+    assert after["perturbed"] is perturb
+    assert w.after_steps == 48 - 24 and 0 <= w.stalled_steps <= w.after_steps
+
+
+def test_bench_stall_writes_a_row_per_arm(tmp_path: Path) -> None:
+    from vla_runtime.policies.diffusion.bench import bench_stall
+
+    p = tiny_policy("step2")
+    save_checkpoint(tmp_path / "ckpt", p.model, p.cfg)
+    rep = bench_stall(env="dummy:reach", policy=str(tmp_path / "ckpt"), episodes=2, seed=0, out=tmp_path / "out",
+                      hold_at=8, arms=("step2", "step2-no-perturb"), progress=False)
+    rows = {m["name"]: m for m in rep["methods"]}
+    assert set(rows) == {"step2", "step2-no-perturb"}
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["bench"] == "stall"
+    for m in rows.values():
+        assert m["episodes"] == 2 and m["held_episodes"] == 2
+        assert 0 <= m["stalled_steps"] <= m["after_hold_steps"]
+    assert rows["step2"]["mean_perturbed"] > 0 and rows["step2-no-perturb"]["mean_perturbed"] == 0
+    recs = [json.loads(ln) for ln in (tmp_path / "out" / "step2" / "episodes.jsonl").read_text().splitlines()]
+    assert [r["held_steps"] for r in recs] == [8, 8]

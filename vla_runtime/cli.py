@@ -251,7 +251,7 @@ def keys(out: Path) -> None:
 
 
 def bench(
-    name: Positional[Literal["loop", "step", "vla", "specprune", "earlyexit", "bridge", "async", "kernels", "render"]],
+    name: Positional[Literal["loop", "step", "vla", "specprune", "earlyexit", "bridge", "async", "kernels", "render", "stall"]],
     env: str = "",
     policy: str = "",
     episodes: int = 5,
@@ -277,14 +277,15 @@ def bench(
         sampler: diffusion sampler for every arm of `bench async` (e.g. step2; default: the checkpoint's).
         n_action_steps: `bench async`: actions executed per chunk in every arm (default: the policy's).
         arms: `bench async`: comma-separated subset of sync, async, async-no-inpaint, async-future-state,
-            async-back-to-back (sync always runs).
+            async-back-to-back (sync always runs). `bench stall`: samplers, each optionally with -no-perturb
+            (default step2,step2-no-perturb,ddim10).
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
                     threads=threads, sampler=sampler or None, n_action_steps=n_action_steps,
                     arms=[a.strip() for a in arms.split(",") if a.strip()] or None)
-    if out is None:
+    if out is None and name not in ("step", "stall", "specprune", "earlyexit", "async"):  # those print a table
         print(json.dumps(res, indent=1, default=str)[:4000])
 
 

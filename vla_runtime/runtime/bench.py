@@ -227,6 +227,11 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
         from vla_runtime.policies.diffusion.bench import bench_step
 
         return bench_step(env=env or "robosuite:Lift", policy=policy, episodes=episodes, seed=seed, out=out)
+    if name == "stall":
+        from vla_runtime.policies.diffusion.bench import STALL_ARMS, bench_stall
+
+        return bench_stall(env=env or "robosuite:Lift", policy=policy or "diffusion:diffusion_lift",
+                           episodes=episodes, seed=seed, out=out, arms=tuple(arms) if arms else STALL_ARMS)
     if name == "vla":
         from vla_runtime.policies.vla.bench import bench_vla
 

@@ -9,6 +9,7 @@ and the mean denoiser calls, warm-start and perturbation rates.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,142 @@ if __name__ == "__main__":
     print(json.dumps(rec))
     if a.out:
         Path(a.out).write_text(json.dumps(rec, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- stall test
+
+STALL_ARMS = ("step2", "step2-no-perturb", "ddim10")
+
+
+class StallInjection:
+    """Bench wrapper that puts a diffusion policy into the state STEP's perturbation exists for.
+
+    At the first inference at or after `hold_at` the robot is paused for one chunk (`n_action_steps` actions of
+    zero motion, the gripper kept as last commanded: e.g. an operator pause or a safety hold with the object in
+    hand). The policy is then told that this motionless chunk is what it planned, so a warm-started sampler's
+    proposal is "stand still, gripper closed" (near-zero actions). Counted over the rest of the episode:
+    executed actions with |a[:6]| < stall_eps (stalled steps) and the steps until the first moving action."""
+
+    def __init__(self, inner: Any, hold_at: int, stall_eps: float) -> None:
+        self.inner, self.hold_at, self.stall_eps = inner, int(hold_at), float(stall_eps)
+        self.spec = inner.spec
+        self.reset("")
+
+    def reset(self, instruction: str) -> None:
+        self.inner.reset(instruction)
+        self._hold: np.ndarray | None = None
+        self._hold_step = -1
+        self._resumed = False
+        self._gripper = -1.0
+        self.held_steps = 0
+        self.after_steps = 0
+        self.stalled_steps = 0
+        self.steps_to_move: int | None = None
+
+    def act(self, obs: Any) -> Any:
+        import torch
+
+        from vla_runtime.runtime.types import ActionChunk
+
+        p = self.inner
+        if self._hold is None and int(obs.step) >= self.hold_at and p._prev_env is not None:
+            m = p.cfg.model
+            hold = np.zeros((m.horizon, m.action_dim), np.float32)
+            hold[:, -1] = self._gripper
+            self._hold, self._hold_step = hold, int(obs.step)
+            p.observe(obs)  # the policy's history still sees this frame
+            return ActionChunk(actions=hold, stamp=obs.stamp, info={"hold": True})
+        if self._hold is not None and not self._resumed:
+            self._resumed = True
+            with torch.inference_mode():
+                norm = p.model.normalize_action(torch.from_numpy(self._hold)[None].to(p.device)).float().cpu()
+            p._prev_norm, p._prev_env, p._prev_step = norm.clamp(-1, 1), self._hold.copy(), self._hold_step
+        return p.act(obs)
+
+    def on_action(self, action: np.ndarray) -> bool:
+        a = np.asarray(action, np.float32)
+        self._gripper = float(a[-1])
+        if self._hold is not None and not self._resumed:
+            self.held_steps += 1
+        elif self._resumed:
+            moving = float(np.linalg.norm(a[: self.inner.cfg.sampler.stall_dims])) >= self.stall_eps
+            if moving and self.steps_to_move is None:
+                self.steps_to_move = self.after_steps
+            self.after_steps += 1
+            self.stalled_steps += int(not moving)
+        return False
+
+
+def bench_stall(env: str = "robosuite:Lift", policy: str = "diffusion:diffusion_lift", episodes: int = 10,
+                seed: int = 5000, out: Path | None = None, hold_at: int = 32, arms: tuple[str, ...] = STALL_ARMS,
+                progress: bool = True) -> dict[str, Any]:
+    """The issue's stall test: the same held episodes with STEP-2 (velocity-aware perturbation on), STEP-2 with
+    it off, and DDIM-10 (a cold sampler, blind to the previous chunk) as reference. bench.json per arm: success,
+    stalled steps after the hold (total and per episode), episodes that never moved again, steps to move."""
+    import time
+
+    from vla_runtime.envs import make_env
+    from vla_runtime.policies import make_policy
+    from vla_runtime.runtime.bench import format_bench, write_bench
+    from vla_runtime.runtime.evaluate import aggregate, episode_record, machine_info
+    from vla_runtime.runtime.loop import LoopConfig, run_episode
+
+    if not policy.startswith("diffusion:"):
+        policy = f"diffusion:{policy}"
+    if not arms:
+        raise UserError("bench stall: no arms")
+    base = make_policy(policy, env_name=env)
+    pols = {a: StallInjection(base.fork(a.removesuffix("-no-perturb"), perturb=not a.endswith("-no-perturb")),
+                              hold_at, base.cfg.sampler.stall_eps) for a in arms}
+    e = make_env(env, cameras=tuple(base.spec.cameras), image_size=base.spec.image_size, render=True)
+    loop = LoopConfig(clock="unpaced", mode="sync")
+    recs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    try:
+        specs = e.episode_specs(seed, episodes)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(specs) * len(arms), desc="bench stall", unit="ep")
+        for spec in specs:
+            for a, w in pols.items():
+                r = episode_record(run_episode(e, w, spec, loop), policy)
+                r.update(method=a, held_steps=w.held_steps, after_hold_steps=w.after_steps,
+                         stalled_steps=w.stalled_steps, steps_to_move=w.steps_to_move)
+                recs[a].append(r)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        e.close()
+    rows = []
+    for a in arms:
+        rs = recs[a]
+        agg = aggregate(rs)["aggregated"]
+        held = [r for r in rs if r["held_steps"] > 0]
+        moved = [r["steps_to_move"] for r in held if r["steps_to_move"] is not None]
+        rows.append({"name": a, "episodes": agg["episodes"], "success_pct": agg["success_pct"],
+                     "success_ci95": agg["success_ci95"], "latency_ms_p50": agg["inference_ms_p50"],
+                     "latency_ms_p95": agg["inference_ms_p95"], "held_episodes": len(held),
+                     "stalled_steps": sum(r["stalled_steps"] for r in held),
+                     "after_hold_steps": sum(r["after_hold_steps"] for r in held),
+                     "stalled_steps_per_episode": round(float(np.mean([r["stalled_steps"] for r in held])), 2)
+                     if held else None,
+                     "never_moved": sum(r["steps_to_move"] is None and r["after_hold_steps"] > 0 for r in held),
+                     "steps_to_move_mean": round(float(np.mean(moved)), 2) if moved else None,
+                     "mean_perturbed": agg.get("mean_perturbed"),
+                     "_show": ("stalled_steps", "never_moved", "steps_to_move_mean")})
+        if out is not None:
+            d = Path(out) / a
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    for r in rows:
+        r["ratio_to_baseline"] = None
+    report = {"bench": "stall", "env": env, "episodes": len(specs), "seeds": sorted({s.seed for s in specs}),
+              "hold_at": hold_at, "hold_steps": base.spec.n_action_steps, "stall_eps": base.cfg.sampler.stall_eps,
+              "machine": machine_info(), "baseline": arms[0], "methods": rows,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_bench(report, out)
+    print(format_bench(report))
+    return report
