@@ -158,6 +158,16 @@ def test_predictor_only_and_stall_perturbation() -> None:
     assert not any(ch.info["perturbed"] for ch in never)
 
 
+def test_shift_warm_start_at_t0_returns_the_shifted_previous_chunk() -> None:
+    """The ablation without predictor: noised to level 0 it executes the previous plan, shifted."""
+    c = run_episode(tiny_policy("step2", step_start_t=0, perturb=False, warm_source="shift"), chunks=2)
+    assert c[1].info["warm_start"] is True and c[1].info["denoise_steps"] == 0
+    expected = np.concatenate([c[0].actions[8:], np.repeat(c[0].actions[-1:], 8, 0)])
+    np.testing.assert_allclose(c[1].actions, expected, atol=1e-5)
+    with pytest.raises(UserError, match="warm_source"):
+        SamplerConfig(name="step2", warm_source="zeros")
+
+
 def test_step_t0_is_predictor_only() -> None:
     """Warm start noised to level 0 = no refinement: STEP then returns exactly the predictor's chunk."""
     a = run_episode(tiny_policy("step2", step_start_t=0, perturb=False), chunks=2)
@@ -360,3 +370,14 @@ def test_bench_stall_writes_a_row_per_arm(tmp_path: Path) -> None:
     assert rows["step2"]["mean_perturbed"] > 0 and rows["step2-no-perturb"]["mean_perturbed"] == 0
     recs = [json.loads(ln) for ln in (tmp_path / "out" / "step2" / "episodes.jsonl").read_text().splitlines()]
     assert [r["held_steps"] for r in recs] == [8, 8]
+
+
+def test_stall_arm_names() -> None:
+    from vla_runtime.policies.diffusion.bench import parse_stall_arm
+
+    assert parse_stall_arm("step2") == {"sampler": "step2", "perturb": True}
+    assert parse_stall_arm("step2-t10-no-perturb") == {"sampler": "step2", "perturb": False, "step_start_t": 10}
+    assert parse_stall_arm("ddim10") == {"sampler": "ddim10", "perturb": True}
+    assert parse_stall_arm("step2-shift-no-perturb") == {"sampler": "step2", "perturb": False, "warm_source": "shift"}
+    with pytest.raises(UserError, match="arm"):
+        parse_stall_arm("step2-fast")

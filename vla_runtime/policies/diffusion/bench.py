@@ -197,6 +197,23 @@ if __name__ == "__main__":
 STALL_ARMS = ("step2", "step2-no-perturb", "ddim10")
 
 
+def parse_stall_arm(arm: str) -> dict[str, Any]:
+    """SAMPLER[-shift][-tN][-no-perturb] -> fork() arguments: e.g. 'step2', 'step2-t10' (step_start_t 10),
+    'step2-shift' (warm start from the shifted previous chunk, no predictor), 'step2-shift-no-perturb'."""
+    import re
+
+    mt = re.fullmatch(r"((?:ddim|step)\d+|predictor)(-shift)?(?:-t(\d+))?(-no-perturb)?", arm)
+    if mt is None:
+        raise UserError(f"bench stall: arm {arm!r} is not SAMPLER[-shift][-tN][-no-perturb] "
+                        "(e.g. step2, step2-shift-no-perturb)")
+    kw: dict[str, Any] = {"sampler": mt.group(1), "perturb": mt.group(4) is None}
+    if mt.group(2):
+        kw["warm_source"] = "shift"
+    if mt.group(3) is not None:
+        kw["step_start_t"] = int(mt.group(3))
+    return kw
+
+
 class StallInjection:
     """Bench wrapper that puts a diffusion policy into the state STEP's perturbation exists for.
 
@@ -275,8 +292,7 @@ def bench_stall(env: str = "robosuite:Lift", policy: str = "diffusion:diffusion_
     if not arms:
         raise UserError("bench stall: no arms")
     base = make_policy(policy, env_name=env)
-    pols = {a: StallInjection(base.fork(a.removesuffix("-no-perturb"), perturb=not a.endswith("-no-perturb")),
-                              hold_at, base.cfg.sampler.stall_eps) for a in arms}
+    pols = {a: StallInjection(base.fork(**parse_stall_arm(a)), hold_at, base.cfg.sampler.stall_eps) for a in arms}
     e = make_env(env, cameras=tuple(base.spec.cameras), image_size=base.spec.image_size, render=True)
     loop = LoopConfig(clock="unpaced", mode="sync")
     recs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}

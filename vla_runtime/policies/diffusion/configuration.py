@@ -108,6 +108,8 @@ class SamplerConfig:
     sigma_stall: float = 0.1  # std (normalised action units) of noise added to the warm start on a stall
     sigma_scale: float = 1.0  # scale of the forward noise added to the warm start when not stalled
     perturb: bool = True  # velocity-aware perturbation on/off (STEP only)
+    warm_source: str = "predictor"  # STEP's proposal: "predictor" (STEP) or "shift" (ablation: the previous chunk
+    #                                  shifted by the executed steps, no predictor: a plain warm start)
     seed: int | None = 0  # sampler noise seed (reset() re-seeds, so episodes are reproducible); None = random
     inpaint_committed: bool = True  # async: inpaint the actions committed during inference (obs.committed_actions)
     dtype: str = "float32"  # network compute dtype: float32 (fastest for batch-1 convs on CPU, measured) or bfloat16
@@ -123,6 +125,8 @@ class SamplerConfig:
         _check(self.stall_eps >= 0 and self.sigma_stall >= 0 and self.sigma_scale >= 0,
                "stall_eps, sigma_stall and sigma_scale must be >= 0")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        _check(self.warm_source in ("predictor", "shift"),
+               f"warm_source must be predictor or shift, got {self.warm_source!r}")
 
     @property
     def kind(self) -> str:

@@ -129,10 +129,13 @@ class DiffusionPolicy:
                 n_exec = int(np.clip(int(obs.step) - self._prev_step, 0, m.horizon))
                 tp = time.perf_counter()
                 prev = shift_chunk(self._prev_norm, n_exec)  # (1, H, A)
-                proposal = self._graphed("predictor", (self.model.predictor,), self._predict_fn,
-                                         feats.to(self.device, self._dtype), prev.to(self.device, self._dtype),
-                                         torch.tensor([n_exec], device=self.device))
-                proposal = proposal.float().cpu().clamp(-1, 1)
+                if sc.warm_source == "shift":  # ablation: plain warm start from the previous plan
+                    proposal = prev.float().clamp(-1, 1)
+                else:
+                    proposal = self._graphed("predictor", (self.model.predictor,), self._predict_fn,
+                                             feats.to(self.device, self._dtype), prev.to(self.device, self._dtype),
+                                             torch.tensor([n_exec], device=self.device))
+                    proposal = proposal.float().cpu().clamp(-1, 1)
                 pred_ms = (time.perf_counter() - tp) * 1e3
                 warm = True
                 if kind == "predictor":
