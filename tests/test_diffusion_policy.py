@@ -351,7 +351,8 @@ def test_stall_injection_holds_then_warm_starts_from_the_motionless_chunk(pertur
     after = infos[2]
     assert after["warm_start"] is True and after["action_speed"] == 0.0  # its previous plan: stand still
     assert after["perturbed"] is perturb
-    assert w.after_steps == 48 - 24 and 0 <= w.stalled_steps <= w.after_steps
+    assert w.after_steps == 48 - 24 and 0 <= w.near_zero_actions <= w.after_steps
+    assert [s for s, _ in w._path] == [24, 32, 40] and 0 <= w.stalled_steps <= 16
 
 
 def test_bench_stall_writes_a_row_per_arm(tmp_path: Path) -> None:
@@ -366,10 +367,22 @@ def test_bench_stall_writes_a_row_per_arm(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["bench"] == "stall"
     for m in rows.values():
         assert m["episodes"] == 2 and m["held_episodes"] == 2
-        assert 0 <= m["stalled_steps"] <= m["after_hold_steps"]
+        assert 0 <= m["stalled_steps"] <= m["after_hold_steps"] and 0 <= m["near_zero_actions"] <= m["after_hold_steps"]
     assert rows["step2"]["mean_perturbed"] > 0 and rows["step2-no-perturb"]["mean_perturbed"] == 0
     recs = [json.loads(ln) for ln in (tmp_path / "out" / "step2" / "episodes.jsonl").read_text().splitlines()]
     assert [r["held_steps"] for r in recs] == [8, 8]
+
+
+def test_stalled_steps_measure_end_effector_progress_not_action_norms() -> None:
+    from vla_runtime.policies.diffusion.bench import StallInjection
+
+    w = StallInjection(tiny_policy("step2"), hold_at=8, stall_eps=0.01)
+    w._path = [(16, np.zeros(3)), (24, np.array([0.002, 0.0, 0.0])), (32, np.array([0.03, 0.0, 0.0])),
+               (40, np.array([0.03, 0.001, 0.0]))]
+    assert w.stalled_steps == 16  # 16->24 (2 mm) and 32->40 (1 mm) went nowhere; 24->32 moved 28 mm
+    assert w.steps_to_move == 16
+    w._path = w._path[:2]
+    assert w.steps_to_move is None
 
 
 def test_stall_arm_names() -> None:
