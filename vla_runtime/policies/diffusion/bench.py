@@ -346,7 +346,8 @@ def bench_stall(env: str = "robosuite:Lift", policy: str = "diffusion:diffusion_
                      "stalled_steps_per_episode": round(float(np.mean([r["stalled_steps"] for r in held])), 2)
                      if held else None,
                      "near_zero_actions": sum(r["near_zero_actions"] for r in held),
-                     "never_moved": sum(r["steps_to_move"] is None and r["after_hold_steps"] > 0 for r in held),
+                     # failed episodes whose end effector never moved 5 mm between two inferences after the hold
+                     "never_moved": sum(r["steps_to_move"] is None and not r["success"] for r in held),
                      "steps_to_move_mean": round(float(np.mean(moved)), 2) if moved else None,
                      "mean_perturbed": agg.get("mean_perturbed"),
                      "_show": ("stalled_steps", "never_moved", "steps_to_move_mean")})
