@@ -394,3 +394,42 @@ def test_stall_arm_names() -> None:
     assert parse_stall_arm("step2-shift-no-perturb") == {"sampler": "step2", "perturb": False, "warm_source": "shift"}
     with pytest.raises(UserError, match="arm"):
         parse_stall_arm("step2-fast")
+
+
+# ----------------------------------------------------------------------------- CPU traces
+
+
+def test_cpu_traced_policy_acts_like_the_eager_one() -> None:
+    from vla_runtime.policies.diffusion.cpu_trace import TracedCalls
+
+    for sampler in ("step2", "ddim10"):
+        traced, eager = tiny_policy(sampler), tiny_policy(sampler)
+        eager._graphs = None
+        assert isinstance(traced._graphs, TracedCalls)
+        a, b = run_episode(traced, chunks=3), run_episode(eager, chunks=3)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.actions, y.actions, atol=1e-4)
+        assert traced._graphs.replays > 0 and not traced._graphs._failed
+    # forks share the traces; bf16 and cpu_trace=False run eagerly
+    p = tiny_policy("step2")
+    assert p.fork("ddim2")._graphs is p._graphs
+    assert tiny_policy("step2", dtype="bfloat16")._graphs is None
+    p.set_sampler("step2", dtype="bfloat16")
+    assert p._graphs is None
+
+
+def test_cpu_trace_failure_falls_back_to_eager() -> None:
+    from vla_runtime.policies.diffusion.cpu_trace import TracedCalls
+
+    tc = TracedCalls()
+    lin = torch.nn.Linear(3, 2)
+    bad = lambda x: {"y": lin(x)}  # noqa: E731 - not traceable (dict output)
+    x = torch.randn(1, 3)
+    with pytest.warns(UserWarning, match="eagerly"):
+        out = tc.run_callable("bad", (lin,), bad, x)
+    assert torch.equal(out["y"], lin(x))
+    assert "bad" in tc._failed
+    assert torch.equal(tc.run_callable("bad", (lin,), bad, x)["y"], lin(x)) and tc.replays == 0
+    good = tc.run_callable("good", (lin,), lin, x)  # first call: eager result, trace built
+    assert torch.allclose(tc.run_callable("good", (lin,), lin, x + 1), lin(x + 1), atol=1e-6) and tc.replays == 1
+    assert torch.equal(good, lin(x))

@@ -45,17 +45,22 @@ class DiffusionPolicy:
     """A visuomotor diffusion policy. Keeps the observation history and the previous chunk per episode."""
 
     def __init__(self, model: DiffusionModel, cfg: DiffusionConfig, device: str = "cpu",
-                 cuda_graphs: bool | None = None) -> None:
-        """cuda_graphs: replay the denoiser from CUDA graphs (None = on for CUDA devices); see
-        vla_runtime/policies/vla/cuda_graphs.py. At batch 1 the U-Net is launch-bound on a GPU."""
+                 cuda_graphs: bool | None = None, cpu_trace: bool | None = None) -> None:
+        """cuda_graphs: replay the encoder, predictor and denoiser from CUDA graphs (None = on for CUDA devices);
+        see vla_runtime/policies/vla/cuda_graphs.py. cpu_trace: run them as frozen TorchScript traces on the CPU
+        (None = on for CPU in float32); see cpu_trace.py. At batch 1 all three are dispatch-bound."""
         self.cfg = cfg
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self._graphs = None
+        self._graphs: Any = None
         if self.device.type == "cuda" and cuda_graphs is not False:
             from vla_runtime.policies.vla.cuda_graphs import LayerGraphs
 
             self._graphs = LayerGraphs()
+        elif self.device.type == "cpu" and cpu_trace is not False and cfg.sampler.dtype == "float32":
+            from vla_runtime.policies.diffusion.cpu_trace import TracedCalls
+
+            self._graphs = TracedCalls()
         self.sched = NoiseSchedule(cfg.schedule)
         m = cfg.model
         self.spec = PolicySpec(action_dim=m.action_dim, chunk_size=m.horizon, n_action_steps=m.n_action_steps,
@@ -80,15 +85,23 @@ class DiffusionPolicy:
         """Switch the sampling strategy in place (the denoiser is unchanged): e.g. for a benchmark loop."""
         self.cfg.sampler = SamplerConfig(**{**self.cfg.sampler.__dict__, "name": sampler, **overrides})
         self.spec = replace(self.spec, name=f"diffusion-{self.cfg.sampler.name}")
+        self._dtype = torch.bfloat16 if self.cfg.sampler.dtype == "bfloat16" else torch.float32
+        if self._dtype != torch.float32 and self.device.type == "cpu":
+            self._graphs = None  # CPU traces are float32 only
 
     def fork(self, sampler: str, **overrides: Any) -> "DiffusionPolicy":
         """A second policy over the *same* network (weights shared, not copied) with its own sampler, history and
         previous chunk: the sampler strategies of a benchmark then run on one model in memory, as a deployment
         would, instead of N copies that evict each other's weights from the CPU caches."""
+        from vla_runtime.policies.diffusion.cpu_trace import TracedCalls
+
         cfg = copy.deepcopy(self.cfg)
         cfg.sampler = SamplerConfig(**{**cfg.sampler.__dict__, "name": sampler, **overrides})
-        return DiffusionPolicy(self.model, cfg, device=str(self.device),
-                               cuda_graphs=None if self._graphs is not None else False)
+        on = self._graphs is not None
+        fork = DiffusionPolicy(self.model, cfg, device=str(self.device), cuda_graphs=on, cpu_trace=on)
+        if isinstance(self._graphs, TracedCalls) and isinstance(fork._graphs, TracedCalls):
+            fork._graphs = self._graphs  # traces are pure functions of their inputs: share them
+        return fork
 
     def observe(self, obs: Observation) -> None:
         """Record an observation without acting: the runtime feeds every tick's frame, so the history of a chunk
@@ -304,11 +317,13 @@ def load_diffusion_policy(ckpt_dir: Path | str, device: str = "cpu", sampler: st
 
     sampler: ddpm | ddim<k> | step<k> | predictor (None = the checkpoint's default). Extra keyword arguments
     override `SamplerConfig` fields (eta, step_start_t, stall_eps, sigma_stall, sigma_scale, perturb, seed,
-    dtype, first_chunk_steps) and `cuda_graphs` (bool; default on for CUDA); unknown ones raise UserError."""
+    dtype, first_chunk_steps, warm_source), `cuda_graphs` (bool; default on for CUDA) and `cpu_trace` (bool;
+    default on for CPU float32); unknown ones raise UserError."""
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
     model, cfg = load_model(ckpt_dir)
     cuda_graphs = kw.pop("cuda_graphs", None)
+    cpu_trace = kw.pop("cpu_trace", None)
     known = set(SamplerConfig.__dataclass_fields__)
     bad = sorted(set(kw) - known)
     if bad:
@@ -319,4 +334,4 @@ def load_diffusion_policy(ckpt_dir: Path | str, device: str = "cpu", sampler: st
     cfg.sampler = SamplerConfig(**fields_)
     if cfg.sampler.step_start_t > cfg.schedule.num_train_timesteps:
         raise UserError(f"step_start_t {cfg.sampler.step_start_t} > T = {cfg.schedule.num_train_timesteps}")
-    return DiffusionPolicy(model, cfg, device=device, cuda_graphs=cuda_graphs)
+    return DiffusionPolicy(model, cfg, device=device, cuda_graphs=cuda_graphs, cpu_trace=cpu_trace)
