@@ -392,6 +392,7 @@ def test_stall_arm_names() -> None:
     assert parse_stall_arm("step2-t10-no-perturb") == {"sampler": "step2", "perturb": False, "step_start_t": 10}
     assert parse_stall_arm("ddim10") == {"sampler": "ddim10", "perturb": True}
     assert parse_stall_arm("step2-shift-no-perturb") == {"sampler": "step2", "perturb": False, "warm_source": "shift"}
+    assert parse_stall_arm("step2-s0.5") == {"sampler": "step2", "perturb": True, "sigma_stall": 0.5}
     with pytest.raises(UserError, match="arm"):
         parse_stall_arm("step2-fast")
 

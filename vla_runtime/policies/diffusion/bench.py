@@ -63,10 +63,13 @@ def bench_step(env: str = "robosuite:Lift", policy: str = "", episodes: int = 10
 
 def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim2", "step2", "step4", "predictor"),
                   chunks: int = 40, threads: int = 1, seed: int = 0, device: str = "cpu",
-                  cuda_graphs: bool | None = None) -> dict[str, Any]:
+                  cuda_graphs: bool | None = None, cpu_trace: bool | None = None,
+                  eager_too: bool = False) -> dict[str, Any]:
     """Per-chunk latency of each sampler on synthetic observations (no simulator), interleaved chunk by chunk
     so machine load drifts hit every sampler alike. Steady state: an episode's first chunk (always DDIM for
-    STEP) is excluded. Returns {sampler: {p50, p95, encoder_ms, sampler_ms, predictor_ms, denoise_steps}}."""
+    STEP) is excluded. Returns {sampler: {p50, p95, encoder_ms, sampler_ms, predictor_ms, denoise_steps}}.
+    All samplers share one network (as in a deployment). eager_too: also run every sampler without CPU traces /
+    CUDA graphs ("<sampler>-eager"), interleaved with the others."""
     import torch
 
     from vla_runtime.policies.diffusion.policy import load_diffusion_policy
@@ -74,13 +77,18 @@ def bench_latency(ckpt: str | Path, samplers: tuple[str, ...] = ("ddim10", "ddim
     from vla_runtime.runtime.types import Observation
 
     torch.set_num_threads(threads)
-    base = load_diffusion_policy(Path(ckpt), sampler=samplers[0], device=device, cuda_graphs=cuda_graphs)
+    base = load_diffusion_policy(Path(ckpt), sampler=samplers[0], device=device, cuda_graphs=cuda_graphs,
+                                 cpu_trace=cpu_trace)
     pols = {s: base if i == 0 else base.fork(s) for i, s in enumerate(samplers)}  # one network, N strategies
+    if eager_too:
+        for s in samplers:
+            pols[f"{s}-eager"] = base.fork(s)
+            pols[f"{s}-eager"]._graphs = None
     spec = next(iter(pols.values())).spec
     rng = np.random.default_rng(seed)
     frames = [{c: rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for c in spec.cameras}
               for _ in range(4)]
-    rec: dict[str, list[dict[str, Any]]] = {s: [] for s in samplers}
+    rec: dict[str, list[dict[str, Any]]] = {s: [] for s in pols}
     per_episode = 6
     for i in range(chunks + chunks // per_episode + 1):
         step = (i % per_episode) * spec.n_action_steps
@@ -171,12 +179,16 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--out", default=None, help="write the latency table as JSON to this file")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: run the denoiser eagerly")
+    ap.add_argument("--no-cpu-trace", action="store_true", help="CPU: run the networks eagerly (no TorchScript)")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also run each sampler eagerly (<sampler>-eager), interleaved, same network")
     a = ap.parse_args()
     if a.offline:
         print(json.dumps(offline_eval(a.ckpt, a.offline, n=a.frames, threads=a.threads), indent=1))
         raise SystemExit(0)
     res = bench_latency(a.ckpt, tuple(a.samplers.split(",")), a.chunks, a.threads, device=a.device,
-                        cuda_graphs=False if a.no_cuda_graphs else None)
+                        cuda_graphs=False if a.no_cuda_graphs else None, cpu_trace=False if a.no_cpu_trace else None,
+                        eager_too=a.eager_too)
     base = res[a.samplers.split(",")[0]]["p50_ms"]
     for s, r in res.items():
         print(f"{s:10s} p50 {r['p50_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f}  ratio {base / r['p50_ms']:5.2f}x  "
@@ -184,7 +196,8 @@ if __name__ == "__main__":
               f"calls {r['denoise_steps']:.0f}")
     import torch
 
-    rec = {"ckpt": str(a.ckpt), "device": a.device, "cuda_graphs": not a.no_cuda_graphs, "device_name": torch.cuda.get_device_name(a.device)
+    rec = {"ckpt": str(a.ckpt), "device": a.device, "cuda_graphs": not a.no_cuda_graphs,
+           "cpu_trace": not a.no_cpu_trace, "device_name": torch.cuda.get_device_name(a.device)
            if a.device.startswith("cuda") else None, "torch": torch.__version__, "loadavg": os.getloadavg(),
            "results": res}
     print(json.dumps(rec))
@@ -198,19 +211,22 @@ STALL_ARMS = ("step2", "step2-no-perturb", "ddim10")
 
 
 def parse_stall_arm(arm: str) -> dict[str, Any]:
-    """SAMPLER[-shift][-tN][-no-perturb] -> fork() arguments: e.g. 'step2', 'step2-t10' (step_start_t 10),
-    'step2-shift' (warm start from the shifted previous chunk, no predictor), 'step2-shift-no-perturb'."""
+    """SAMPLER[-shift][-tN][-sSIGMA][-no-perturb] -> fork() arguments: e.g. 'step2', 'step2-t10' (step_start_t
+    10), 'step2-s0.5' (sigma_stall 0.5), 'step2-shift' (warm start from the shifted previous chunk, no
+    predictor), 'step2-shift-no-perturb'."""
     import re
 
-    mt = re.fullmatch(r"((?:ddim|step)\d+|predictor)(-shift)?(?:-t(\d+))?(-no-perturb)?", arm)
+    mt = re.fullmatch(r"((?:ddim|step)\d+|predictor)(-shift)?(?:-t(\d+))?(?:-s(\d+(?:\.\d+)?))?(-no-perturb)?", arm)
     if mt is None:
-        raise UserError(f"bench stall: arm {arm!r} is not SAMPLER[-shift][-tN][-no-perturb] "
-                        "(e.g. step2, step2-shift-no-perturb)")
-    kw: dict[str, Any] = {"sampler": mt.group(1), "perturb": mt.group(4) is None}
+        raise UserError(f"bench stall: arm {arm!r} is not SAMPLER[-shift][-tN][-sSIGMA][-no-perturb] "
+                        "(e.g. step2, step2-s0.5, step2-shift-no-perturb)")
+    kw: dict[str, Any] = {"sampler": mt.group(1), "perturb": mt.group(5) is None}
     if mt.group(2):
         kw["warm_source"] = "shift"
     if mt.group(3) is not None:
         kw["step_start_t"] = int(mt.group(3))
+    if mt.group(4) is not None:
+        kw["sigma_stall"] = float(mt.group(4))
     return kw
 
 
