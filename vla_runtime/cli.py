@@ -262,6 +262,7 @@ def bench(
     sampler: str = "",
     n_action_steps: int | None = None,
     arms: str = "",
+    hold_at: int = 32,
 ) -> None:
     """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
 
@@ -279,12 +280,13 @@ def bench(
         arms: `bench async`: comma-separated subset of sync, async, async-no-inpaint, async-future-state,
             async-back-to-back (sync always runs). `bench stall`: samplers, each optionally with -no-perturb
             (default step2,step2-no-perturb,ddim10).
+        hold_at: `bench stall`: the robot is paused for one chunk at the first inference at or after this step.
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
                     threads=threads, sampler=sampler or None, n_action_steps=n_action_steps,
-                    arms=[a.strip() for a in arms.split(",") if a.strip()] or None)
+                    arms=[a.strip() for a in arms.split(",") if a.strip()] or None, hold_at=hold_at)
     if out is None and name not in ("step", "stall", "specprune", "earlyexit", "async"):  # those print a table
         print(json.dumps(res, indent=1, default=str)[:4000])
 

@@ -212,7 +212,7 @@ def bench_render(env_name: str, steps: int, out: Path | None) -> dict[str, Any]:
 def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, seed: int = 0,
               out: Path | None = None, steps: int = 200, threads: int | None = None,
               sampler: str | None = None, n_action_steps: int | None = None,
-              arms: Sequence[str] | None = None) -> dict[str, Any]:
+              arms: Sequence[str] | None = None, hold_at: int = 32) -> dict[str, Any]:
     if threads:
         import torch
 
@@ -231,7 +231,8 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
         from vla_runtime.policies.diffusion.bench import STALL_ARMS, bench_stall
 
         return bench_stall(env=env or "robosuite:Lift", policy=policy or "diffusion:diffusion_lift",
-                           episodes=episodes, seed=seed, out=out, arms=tuple(arms) if arms else STALL_ARMS)
+                           episodes=episodes, seed=seed, out=out, arms=tuple(arms) if arms else STALL_ARMS,
+                           hold_at=hold_at)
     if name == "vla":
         from vla_runtime.policies.vla.bench import bench_vla
 
