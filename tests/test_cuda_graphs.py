@@ -57,7 +57,12 @@ def test_cpu_policy_never_attaches_graphs() -> None:
 
     assert policy("cpu", graphs=True).model.layer_graphs is None
     assert policy("cpu", graphs=None).model.layer_graphs is None  # type: ignore[arg-type]
-    assert load_diffusion_policy(resolve_checkpoint("diffusion_lift"), cuda_graphs=True)._graphs is None
+    from vla_runtime.policies.diffusion.cpu_trace import TracedCalls
+    from vla_runtime.policies.vla.cuda_graphs import LayerGraphs
+
+    g = load_diffusion_policy(resolve_checkpoint("diffusion_lift"), cuda_graphs=True)._graphs
+    assert not isinstance(g, LayerGraphs) and isinstance(g, TracedCalls)  # on the CPU: TorchScript traces
+    assert load_diffusion_policy(resolve_checkpoint("diffusion_lift"), cpu_trace=False)._graphs is None
 
 
 def test_hook_detection() -> None:
