@@ -36,6 +36,16 @@ def test_eval_writes_results(tmp_path, capsys):
     assert info["missing_episodes"] == []
 
 
+def test_eval_policy_options_reach_the_policy(tmp_path):
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--env", "dummy:reach", "--policy", "diffusion:diffusion_lift", "--sampler", "step2",
+                   "--episodes", "1", "--max-steps", "24", "--policy-options", '{"stall_eps": 1e9}',
+                   "--out", str(out)) == 0
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["aggregated"]["mean_perturbed"] > 0  # every warm start counted as a stall: the option arrived
+    assert info["config"]["policy_options"] == {"stall_eps": 1e9}
+
+
 def test_eval_paced_counts_deadlines(tmp_path):
     out = tmp_path / "ev"
     assert run_cli("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "2", "--paced", "--out", str(out)) == 0
@@ -53,6 +63,9 @@ def test_eval_paced_counts_deadlines(tmp_path):
     (("eval", "--env", "dummy:reach", "--policy", "scripted", "--episodes", "0"), "--episodes must be >= 1"),
     (("eval", "--env", "dummy:reach", "--policy", "scripted", "--accel", "specprune"), "does not apply to the scripted expert"),
     (("train", "--policy", "diffusion", "--data", "/no/such/demos", "--out", "/tmp/x"), "does not exist"),
+    (("eval", "--env", "dummy:reach", "--policy-options", "{bad"), "--policy-options is not valid JSON"),
+    (("eval", "--env", "dummy:reach", "--policy-options", "[1]"), "--policy-options must be a JSON object"),
+    (("eval", "--env", "dummy:reach", "--policy-options", '{"sigmaa": 1}'), "unknown diffusion sampler options"),
 ])
 def test_bad_input_one_line_error(tmp_path, capsys, args, needle):
     rc = run_cli(*args, *(() if args[0] != "eval" else ("--out", str(tmp_path / "o"))))

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tyro.conf import Positional
 
@@ -21,6 +21,19 @@ Clock = Literal["unpaced", "sim", "wall"]
 
 def _split(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def parse_policy_options(text: str) -> dict[str, Any]:
+    """--policy-options: a JSON object (empty string: none); anything else is a UserError saying why."""
+    if not text.strip():
+        return {}
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--policy-options is not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(val, dict):
+        raise UserError(f"--policy-options must be a JSON object such as '{{\"sigma_stall\": 0.5}}', got {text!r}")
+    return val
 
 
 def eval(  # noqa: A001 - the verb is `eval`
@@ -48,6 +61,7 @@ def eval(  # noqa: A001 - the verb is `eval`
     ray: str | None = None,
     max_steps: int | None = None,
     keys: Path | None = None,
+    policy_options: str = "",
 ) -> None:
     """Run closed-loop episodes of POLICY on ENV; write episodes.jsonl and eval_info.json to OUT.
 
@@ -78,6 +92,8 @@ def eval(  # noqa: A001 - the verb is `eval`
         ray: run episodes as Ray tasks: 'local' or a cluster address.
         max_steps: override the task's max steps.
         keys: remote envs: directory with CurveZMQ keys from `vla-runtime keys` (required off loopback).
+        policy_options: JSON object of extra policy options, e.g. '{"sigma_stall": 0.5}' (diffusion sampler
+            settings) or '{"accel_options": {"prune-fastv": {"budget": 0.25}}}' (VLA acceleration settings).
     """
     from vla_runtime.runtime.evaluate import EvalConfig, evaluate, format_table
     from vla_runtime.runtime.loop import LoopConfig
@@ -89,7 +105,8 @@ def eval(  # noqa: A001 - the verb is `eval`
                       future_state=future_state, pass_committed=pass_committed, max_steps=max_steps)
     cfg = EvalConfig(env=env, policy=policy, episodes=episodes, seed=seed, out=out, tasks=_split(task), loop=loop,
                      video=video, resume=resume, device=device, accel=_split(accel), sampler=sampler,
-                     threads=threads, keys_dir=str(keys) if keys else None)
+                     threads=threads, keys_dir=str(keys) if keys else None,
+                     policy_options=parse_policy_options(policy_options))
     if workers > 1 or ray:
         from vla_runtime.runtime.parallel import evaluate_parallel
 

@@ -46,14 +46,18 @@ class EvalConfig:
     image_size: int = 128
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
     keys_dir: str | None = None  # remote envs: CurveZMQ keys directory (vla-runtime keys)
+    policy_options: dict[str, Any] = field(default_factory=dict)  # extra make_policy keywords (JSON on the CLI)
 
     def env_kwargs(self) -> dict[str, Any]:
         return {"keys_dir": self.keys_dir} if self.env.startswith("remote:") and self.keys_dir else {}
 
     def identity(self) -> dict[str, Any]:
         """The fields whose change makes results incomparable (resume refuses a mismatch)."""
-        return {"env": self.env, "policy": self.policy, "loop": asdict(self.loop), "accel": list(self.accel),
-                "sampler": self.sampler, "image_size": self.image_size, "device": self.device}
+        ident = {"env": self.env, "policy": self.policy, "loop": asdict(self.loop), "accel": list(self.accel),
+                 "sampler": self.sampler, "image_size": self.image_size, "device": self.device}
+        if self.policy_options:  # only when set, so runs recorded before the field existed still resume
+            ident["policy_options"] = self.policy_options
+        return ident
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -266,7 +270,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    policy = make_policy(cfg.policy, env_name=cfg.env, device=cfg.device, accel=cfg.accel, sampler=cfg.sampler)
+    policy = make_policy(cfg.policy, env_name=cfg.env, device=cfg.device, accel=cfg.accel, sampler=cfg.sampler,
+                         **cfg.policy_options)
     needs_images = bool(policy.spec.cameras) or cfg.video > 0
     cameras = policy.spec.cameras or None
     image_size = policy.spec.image_size if policy.spec.cameras else cfg.image_size

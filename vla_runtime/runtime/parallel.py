@@ -50,7 +50,7 @@ class EpisodeRunner:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.policy = make_policy(cfg.policy, env_name=cfg.env, device=cfg.device, accel=cfg.accel,
-                                  sampler=cfg.sampler)
+                                  sampler=cfg.sampler, **cfg.policy_options)
         cams = self.policy.spec.cameras or None
         size = self.policy.spec.image_size if self.policy.spec.cameras else cfg.image_size
         self.env = make_env(cfg.env, cameras=cams, image_size=size,
