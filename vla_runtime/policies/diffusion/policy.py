@@ -16,7 +16,6 @@ fp16 storage for float weights), optional data.json (which demo seeds were used 
 from __future__ import annotations
 
 import copy
-
 import json
 import os
 import threading
