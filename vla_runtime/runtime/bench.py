@@ -40,18 +40,23 @@ def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: 
                     out: Path | None, baseline: str | None = None, device: str = "cpu",
                     extra_fields: Callable[[Method, list[dict[str, Any]]], dict[str, Any]] | None = None,
                     tasks: list[str] | None = None, progress: bool = True,
-                    finalize: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    finalize: Callable[[dict[str, Any]], None] | None = None,
+                    policies: dict[str, Any] | None = None,
+                    episode_extra: Callable[[Method, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run every method on the same episode specs (one env, reused) and write bench.json.
 
-    `finalize(report)` may add fields computed across methods before the report is written and printed."""
+    `finalize(report)` may add fields computed across methods before the report is written and printed.
+    `policies` (by method name) replaces building each method's policy from its name (e.g. wrapped policies);
+    `episode_extra(method, policy)` is merged into each episode's record right after the episode."""
     from vla_runtime.envs import make_env
     from vla_runtime.policies import make_policy
 
     if not methods:
         raise UserError("no methods to compare")
     baseline = baseline or methods[0].name
-    policies = {m.name: make_policy(m.policy, env_name=env_name, device=device, accel=m.accel, sampler=m.sampler,
-                                    **m.policy_kwargs) for m in methods}
+    if policies is None:
+        policies = {m.name: make_policy(m.policy, env_name=env_name, device=device, accel=m.accel,
+                                        sampler=m.sampler, **m.policy_kwargs) for m in methods}
     cams = tuple(sorted({c for p in policies.values() for c in p.spec.cameras}))
     size = max((p.spec.image_size for p in policies.values() if p.spec.cameras), default=128)
     env = make_env(env_name, cameras=cams or None, image_size=size, render=bool(cams))
@@ -70,6 +75,8 @@ def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: 
                 r = run_episode(env, policies[m.name], spec, m.loop)
                 rec = episode_record(r, m.policy)
                 rec["method"] = m.name
+                if episode_extra is not None:
+                    rec.update(episode_extra(m, policies[m.name]))
                 per_method[m.name].append(rec)
                 if bar is not None:
                     bar.update(1)
@@ -128,7 +135,9 @@ def format_bench(report: dict[str, Any]) -> str:
     for m in report["methods"]:
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         ci = m.get("success_ci95") or [0, 0]
-        extra = " ".join(f"{k}={v}" for k, v in m.items() if k.startswith("mean_") or k in m.get("_show", ()))
+        shown = [k for k in m.get("_show", ()) if k in m]  # a bench's own columns first, then the policy means
+        shown += [k for k in m if k.startswith("mean_") and k not in shown]
+        extra = " ".join(f"{k}={m[k]}" for k in shown)
         rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]", f(m.get("latency_ms_p50")),
                      f(m.get("latency_ms_p95")), "-" if m.get("ratio_to_baseline") is None
                      else f"{m['ratio_to_baseline']:.2f}x", extra[:80]))

@@ -9,7 +9,6 @@ and the mean denoiser calls, warm-start and perturbation rates.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -311,13 +310,9 @@ def bench_stall(env: str = "robosuite:Lift", policy: str = "diffusion:diffusion_
     it off, and DDIM-10 (a cold sampler, blind to the previous chunk) as reference. bench.json per arm: success,
     stalled steps after the hold (end effector moved < 5 mm over a chunk; total and per episode), near-zero
     actions, episodes that never moved again, steps until it moved."""
-    import time
-
-    from vla_runtime.envs import make_env
     from vla_runtime.policies import make_policy
-    from vla_runtime.runtime.bench import format_bench, write_bench
-    from vla_runtime.runtime.evaluate import aggregate, episode_record, machine_info
-    from vla_runtime.runtime.loop import LoopConfig, run_episode
+    from vla_runtime.runtime.bench import Method, compare_methods
+    from vla_runtime.runtime.loop import LoopConfig
 
     if not policy.startswith("diffusion:"):
         policy = f"diffusion:{policy}"
@@ -325,58 +320,28 @@ def bench_stall(env: str = "robosuite:Lift", policy: str = "diffusion:diffusion_
         raise UserError("bench stall: no arms")
     base = make_policy(policy, env_name=env)
     pols = {a: StallInjection(base.fork(**parse_stall_arm(a)), hold_at, base.cfg.sampler.stall_eps) for a in arms}
-    e = make_env(env, cameras=tuple(base.spec.cameras), image_size=base.spec.image_size, render=True)
-    loop = LoopConfig(clock="unpaced", mode="sync")
-    recs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
-    try:
-        specs = e.episode_specs(seed, episodes)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    methods = [Method(name=a, policy=policy, loop=LoopConfig(clock="unpaced", mode="sync")) for a in arms]
 
-            bar = tqdm(total=len(specs) * len(arms), desc="bench stall", unit="ep")
-        for spec in specs:
-            for a, w in pols.items():
-                r = episode_record(run_episode(e, w, spec, loop), policy)
-                r.update(method=a, held_steps=w.held_steps, after_hold_steps=w.after_steps,
-                         stalled_steps=w.stalled_steps, near_zero_actions=w.near_zero_actions,
-                         steps_to_move=w.steps_to_move)
-                recs[a].append(r)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-    finally:
-        e.close()
-    rows = []
-    for a in arms:
-        rs = recs[a]
-        agg = aggregate(rs)["aggregated"]
-        held = [r for r in rs if r["held_steps"] > 0]
+    def episode_extra(_m: Any, w: StallInjection) -> dict[str, Any]:
+        return dict(held_steps=w.held_steps, after_hold_steps=w.after_steps, stalled_steps=w.stalled_steps,
+                    near_zero_actions=w.near_zero_actions, steps_to_move=w.steps_to_move)
+
+    def stall_fields(_m: Any, rs: list[dict[str, Any]]) -> dict[str, Any]:
+        held = [r for r in rs if "error" not in r and r["held_steps"] > 0]
         moved = [r["steps_to_move"] for r in held if r["steps_to_move"] is not None]
-        rows.append({"name": a, "episodes": agg["episodes"], "success_pct": agg["success_pct"],
-                     "success_ci95": agg["success_ci95"], "latency_ms_p50": agg["inference_ms_p50"],
-                     "latency_ms_p95": agg["inference_ms_p95"], "held_episodes": len(held),
-                     "stalled_steps": sum(r["stalled_steps"] for r in held),
-                     "after_hold_steps": sum(r["after_hold_steps"] for r in held),
-                     "stalled_steps_per_episode": round(float(np.mean([r["stalled_steps"] for r in held])), 2)
-                     if held else None,
-                     "near_zero_actions": sum(r["near_zero_actions"] for r in held),
-                     # failed episodes whose end effector never moved 5 mm between two inferences after the hold
-                     "never_moved": sum(r["steps_to_move"] is None and not r["success"] for r in held),
-                     "steps_to_move_mean": round(float(np.mean(moved)), 2) if moved else None,
-                     "mean_perturbed": agg.get("mean_perturbed"),
-                     "_show": ("stalled_steps", "never_moved", "steps_to_move_mean")})
-        if out is not None:
-            d = Path(out) / a
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    for r in rows:
-        r["ratio_to_baseline"] = None
-    report = {"bench": "stall", "env": env, "episodes": len(specs), "seeds": sorted({s.seed for s in specs}),
-              "hold_at": hold_at, "hold_steps": base.spec.n_action_steps, "stall_eps": base.cfg.sampler.stall_eps,
-              "machine": machine_info(), "baseline": arms[0], "methods": rows,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_bench(report, out)
-    print(format_bench(report))
-    return report
+        return {"held_episodes": len(held),
+                "stalled_steps": sum(r["stalled_steps"] for r in held),
+                "after_hold_steps": sum(r["after_hold_steps"] for r in held),
+                "stalled_steps_per_episode": round(float(np.mean([r["stalled_steps"] for r in held])), 2)
+                if held else None,
+                "near_zero_actions": sum(r["near_zero_actions"] for r in held),
+                # failed episodes whose end effector never moved 5 mm between two inferences after the hold
+                "never_moved": sum(r["steps_to_move"] is None and not r["success"] for r in held),
+                "steps_to_move_mean": round(float(np.mean(moved)), 2) if moved else None,
+                "_show": ("stalled_steps", "never_moved", "steps_to_move_mean")}
+
+    def finalize(report: dict[str, Any]) -> None:
+        report.update(hold_at=hold_at, hold_steps=base.spec.n_action_steps, stall_eps=base.cfg.sampler.stall_eps)
+
+    return compare_methods("stall", env, methods, episodes, seed, out, baseline=arms[0], extra_fields=stall_fields,
+                           progress=progress, finalize=finalize, policies=pols, episode_extra=episode_extra)
