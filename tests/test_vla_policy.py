@@ -191,3 +191,43 @@ def test_bench_reports_split_tokens_and_flops(mode: str, tmp_path: Path) -> None
     # keeping 25 % of the 32 visual tokens from layer 1 on: 24 fewer tokens in layers 1..2, fewer FLOPs
     assert pruned["tokens_per_layer"][1] == full["tokens_per_layer"][1] - 24
     assert pruned["gflops_per_step"] < full["gflops_per_step"]
+
+
+def test_train_init_from_parallel_starts_ar_from_its_trunk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--init-from copies every weight that fits (an AR run from a parallel run: all but the action head and the
+    action-slot embeddings), keeps the source's tokenizer and normalisation, lets --config change the chunk, and
+    refuses demos of other dimensions."""
+    from safetensors.torch import load_file
+
+    from vla_runtime.train.train_vla import train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    src = make_ckpt(tmp_path, "parallel")  # tokenizer knows only "reach the red target"; stats are not the data's
+    out = tmp_path / "ar"
+    with caplog.at_level("WARNING"):
+        train_vla([data], out, mode="ar", steps=1, batch_size=4, save_every=1, log_every=1, progress=False,
+                  lr=0.0, drop_prob=0.0, init_from=src, config={"chunk_size": 2, "n_action_steps": 2})
+    assert "touch" in caplog.text  # the demos' other phrasing is unknown to the source tokenizer: said, not fatal
+    cfg = VLAConfig.load(out / "config.json")
+    assert cfg.mode == "ar" and cfg.chunk_size == 2 and cfg.hidden == TINY["hidden"]
+    assert json.loads((out / "stats.json").read_text()) == json.loads((src / "stats.json").read_text())
+    assert json.loads((out / "vla_tokenizer.json").read_text()) == json.loads((src / "vla_tokenizer.json").read_text())
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape]
+    assert any("layers.2" in k for k in shared) and any("vision" in k for k in shared)
+    for k in shared:  # lr 0: the copied weights come through the step unchanged
+        assert torch.equal(a[k].float(), b[k].float()), k
+    assert "head.proj.weight" in b and not any(k.startswith("head.proj") for k in a)
+    # demos whose action dim differs from the source checkpoint's are refused before any training
+    other = tmp_path / "other"
+    demos.write_dummy_demos(other, 2, image_size=32, speed=1.0, max_steps=10, instructions=("reach",))
+    import h5py
+
+    for f in demos.list_demos(other):
+        with h5py.File(f, "a") as h:
+            act = h["actions"][:]
+            del h["actions"]
+            h["actions"] = act[:, :6]
+    with pytest.raises(UserError, match="state/action dims"):
+        train_vla([other], tmp_path / "bad", steps=1, progress=False, init_from=src)

@@ -186,8 +186,9 @@ def train(
         device: torch device.
         ema: vla: EMA decay of the weights saved as model.safetensors (e.g. 0.999; 0 = off; diffusion always
             keeps an EMA).
-        init_from: diffusion: fine-tune from this checkpoint (shipped name or dir) when OUT holds no training
-            state; its weights and normalisation are kept, the optimiser starts fresh.
+        init_from: start from this checkpoint (shipped name or dir) when OUT holds no training state; its
+            weights and normalisation are kept, the optimiser starts fresh. vla: every weight that fits is copied,
+            so an AR run can start from a parallel run's trunk (--mode ar --init-from vla_libero_object).
     """
     if threads:
         import torch
@@ -207,12 +208,18 @@ def train(
             init = resolve_checkpoint(init_from)
         train_diffusion(dirs if len(dirs) > 1 else dirs[0], out, steps=steps, batch_size=batch_size, resume=resume,
                         init_from=init)
-    elif init_from:
-        raise UserError("--init-from is implemented for --policy diffusion only")
     elif policy == "vla":
         from vla_runtime.train.train_vla import train_vla
 
-        train_vla(dirs, out, mode=mode, steps=steps, batch_size=batch_size, resume=resume, ema_decay=ema)
+        init = None
+        if init_from:
+            from vla_runtime.policies import resolve_checkpoint
+
+            init = resolve_checkpoint(init_from)
+        train_vla(dirs, out, mode=mode, steps=steps, batch_size=batch_size, resume=resume, ema_decay=ema,
+                  init_from=init)
+    elif init_from:
+        raise UserError("--init-from is for --policy diffusion or vla")
     else:
         if not checkpoint:
             raise UserError("--checkpoint is required for exit-predictors")

@@ -188,8 +188,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
               warmup: int = 300, save_every: int = 250, log_every: int = 25, seed: int = 0, threads: int = 1,
               bf16: bool = True, shift: int = 8, drop_keep: float = 0.3, drop_prob: float = 0.75,
               drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
-              progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0
-              ) -> dict[str, Any]:
+              progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0,
+              init_from: str | Path | None = None) -> dict[str, Any]:
     """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
 
     ema_decay > 0 keeps an exponential moving average of the weights (decay warmed up as min(decay,
@@ -199,6 +199,12 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
 
     drop_*: with probability drop_prob a batch keeps only drop_keep of the visual tokens from decoder layer
     drop_layer on (RandomVisualDrop) - cheaper steps, and robustness to inference-time pruning.
+
+    init_from: a (shipped) VLA checkpoint to start a new run from (ignored when out_dir holds a run to resume).
+    Its architecture, tokenizer and normalisation statistics are kept (`config` may still override fields such
+    as chunk_size), and every weight whose name and shape match is copied: fine-tuning on new demos in the same
+    mode, or an AR run that starts from a parallel run's vision tower, projectors and decoder (only the action
+    head and the action-slot embeddings start fresh). The optimiser starts fresh.
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -215,8 +221,31 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
             raise UserError(f"{out} holds a {cfg.mode!r} run; use another --out for mode {mode!r}")
         tok = WordTokenizer.load(out / TOKENIZER_FILE)
         stats = json.loads((out / "stats.json").read_text())
-    data = DemoFrames(files, cameras=None if not resuming else cfg.cameras)
-    if not resuming:
+    src_sd: dict[str, torch.Tensor] | None = None
+    if init_from is not None and not resuming:
+        src = Path(init_from)
+        if not (src / "config.json").is_file():
+            raise UserError(f"--init-from {src}: not a VLA checkpoint (no config.json)")
+        src_cfg = VLAConfig.load(src / "config.json")
+        if src_cfg.hf_decoder_dir:
+            raise UserError(f"--init-from {src}: checkpoints that wrap a Hugging Face decoder cannot be fine-tuned here")
+        tok = WordTokenizer.load(src / TOKENIZER_FILE)
+        stats = json.loads((src / "stats.json").read_text())
+        over = dict(config or {})
+        cfg = replace(src_cfg, mode=mode, **over)
+        cfg = replace(cfg, n_action_steps=min(cfg.n_action_steps, cfg.chunk_size))
+        src_sd = load_file(str(src / "model.safetensors"))
+    data = DemoFrames(files, cameras=None if not (resuming or src_sd is not None) else cfg.cameras)
+    if src_sd is not None:
+        sdim, adim = int(data.states[0].shape[1]), int(data.actions[0].shape[1])
+        if (sdim, adim) != (cfg.state_dim, cfg.action_dim):
+            raise UserError(f"demos have state/action dims {sdim}/{adim}, {init_from} expects "
+                            f"{cfg.state_dim}/{cfg.action_dim}")
+        unknown = sorted({w for s in set(data.instructions) for w in tok.unknown_words(s)})
+        if unknown:
+            log.warning("instructions use words %s that %s's tokenizer does not know (they map to <unk>)",
+                        unknown[:8], init_from)
+    elif not resuming:
         tok = WordTokenizer.from_instructions(data.instructions)
         stats = data.stats()
         base = VLAConfig(**(config or {}))
@@ -227,6 +256,10 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     state_norm = Normalizer(np.array(stats["state_min"]), np.array(stats["state_max"]))
     torch.manual_seed(seed)
     model = load_model(out, tok) if resuming else VLAModel(cfg, bos_id=tok.bos_id)
+    if src_sd is not None:
+        fresh = copy_matching(model, src_sd)
+        print(json.dumps({"event": "init_from", "src": str(init_from), "copied": len(model.state_dict()) - len(fresh),
+                          "fresh": fresh}), flush=True)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -335,6 +368,21 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
 
 
 @torch.no_grad()
+def copy_matching(model: nn.Module, src: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of src whose name and shape match into model; return the names left as initialised."""
+    own = model.state_dict()
+    fresh = []
+    for name, t in own.items():
+        s = src.get(name)
+        if s is None or tuple(s.shape) != tuple(t.shape):
+            if not name.endswith("rotary_emb.inv_freq"):
+                fresh.append(name)
+            continue
+        t.copy_(s.to(t.dtype))
+    return fresh
+
+
+@torch.no_grad()
 def validate(model: VLAModel, data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordTokenizer,
              act_norm: Normalizer, state_norm: Normalizer, bf16: bool, seed: int, n: int = 32) -> float:
     """Loss on up to n held-out frames (no augmentation, no dropping)."""
@@ -370,6 +418,12 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
     return out
 
 
+def _resolve(name: str) -> Path:
+    from vla_runtime.policies import resolve_checkpoint
+
+    return Path(resolve_checkpoint(name))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=[], help="demo directories (HDF5 files)")
@@ -386,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0 = off)")
     p.add_argument("--config", default="{}", help="JSON overrides of VLAConfig fields (new runs only)")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this VLA checkpoint (shipped name or dir): its tokenizer, "
+                        "normalisation and every weight that fits (e.g. an AR run from a parallel trunk)")
     p.add_argument("--export", default=None, help="only export --out as a bf16 shipping checkpoint to this dir")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -397,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                     lr=a.lr, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
-                    ema_decay=a.ema)
+                    ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None)
     print(json.dumps({"event": "done", **res}), flush=True)
 
 

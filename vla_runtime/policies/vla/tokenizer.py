@@ -59,6 +59,10 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.stoi.get(w, self.unk_id) for w in _WORD.findall(text.lower())]
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of text that encode() maps to <unk>."""
+        return [w for w in _WORD.findall(text.lower()) if w not in self.stoi]
+
     def decode(self, ids: Iterable[int]) -> str:
         out = []
         for i in ids:
