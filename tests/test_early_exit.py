@@ -427,3 +427,18 @@ def test_bench_reports_layers_agreement_and_ratios(tmp_path: Path, monkeypatch: 
     assert ee["agreement_chunks"] >= 1 and 0.0 <= ee["token_agreement_pct"] <= 100.0
     assert ee["ratio_to_baseline"] is not None and "success_delta_pp" in ee
     assert rep["predictors"].endswith(EE.PREDICTOR_DIR)
+
+
+def test_bench_arms_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--arms runs a subset (full always); a SpecPrune arm turns SpecPrune on; unknown arms are refused up front."""
+    from vla_runtime.envs import dummy
+    from vla_runtime.policies.vla.early_exit_bench import bench_earlyexit
+
+    monkeypatch.setattr(dummy, "MAX_STEPS", 4)
+    ck, demos = _ckpt_and_demos(tmp_path, "ar")
+    EE.train_exit_predictors(str(ck), [demos], ck / EE.PREDICTOR_DIR, epochs=1)
+    with pytest.raises(UserError, match="unknown arm"):
+        bench_earlyexit(env="dummy:reach", policy=str(ck), episodes=1, seed=0, out=None, arms=("early-exit",))
+    rep = bench_earlyexit(env="dummy:reach", policy=str(ck), episodes=1, seed=0, out=None,
+                          arms=("specprune+earlyexit",), options={"threshold": 0.01})
+    assert [r["name"] for r in rep["methods"]] == ["full", "specprune+earlyexit"]

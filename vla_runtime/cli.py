@@ -303,7 +303,8 @@ def bench(
         n_action_steps: `bench async`: actions executed per chunk in every arm (default: the policy's).
         arms: `bench async`: comma-separated subset of sync, async, async-no-inpaint, async-future-state,
             async-back-to-back (sync always runs). `bench stall`: samplers, each optionally with -no-perturb
-            (default step2,step2-no-perturb,ddim10).
+            (default step2,step2-no-perturb,ddim10). `bench earlyexit`: subset of full, earlyexit, specprune,
+            specprune+earlyexit (full always runs).
         hold_at: `bench stall`: the robot is paused for one chunk at the first inference at or after this step.
     """
     from vla_runtime.runtime.bench import run_bench

@@ -253,7 +253,8 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
     if name == "earlyexit":
         from vla_runtime.policies.vla.early_exit import bench_earlyexit
 
-        return bench_earlyexit(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out)
+        return bench_earlyexit(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out,
+                               arms=tuple(arms) if arms else None)
     if name == "bridge":
         from vla_runtime.bridges.bench import bench_bridge
 

@@ -432,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=300, help="linear LR warm-up steps (then cosine to 10 %%)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--no-resume", action="store_true")
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not a.data:
         p.error("--data is required for training")
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
-                    lr=a.lr, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
+                    lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
                     ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None)
     print(json.dumps({"event": "done", **res}), flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -104,13 +104,23 @@ def summarize(pol: EarlyExitPolicy | None, n_layers: int) -> dict[str, Any]:
     return out
 
 
+EE_ARMS = ("full", "earlyexit", "specprune", "specprune+earlyexit")
+
+
 def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path | None,
                     shadow: bool = True, with_specprune: bool | None = None,
-                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+                    options: dict[str, Any] | None = None, arms: Sequence[str] | None = None) -> dict[str, Any]:
     """Methods: full, earlyexit, and (when SpecPrune is registered) specprune, specprune+earlyexit.
 
-    Baseline: full. Also reports `ratio_to_specprune` for specprune+earlyexit (early exit on top of pruning).
+    Baseline: full (always run). `arms` runs a subset of EE_ARMS (e.g. full,earlyexit where an episode is costly).
+    Also reports `ratio_to_specprune` for specprune+earlyexit (early exit on top of pruning).
     """
+    if arms is not None:
+        bad = [a for a in arms if a not in EE_ARMS]
+        if bad:
+            raise UserError(f"bench earlyexit: unknown arm(s) {', '.join(bad)}; choose from {', '.join(EE_ARMS)}")
+        if with_specprune is None:
+            with_specprune = any("specprune" in a for a in arms)
     from vla_runtime.policies import resolve_checkpoint
     from vla_runtime.policies.vla.policy import ACCELERATIONS
     from vla_runtime.runtime.bench import Method, compare_methods, write_bench
@@ -146,9 +156,12 @@ def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path |
         pol = find_policy(f"{run_id}:{m.name}") if "earlyexit" in m.accel else None
         return summarize(pol, n_layers)
 
+    if arms is not None:
+        keep = set(arms) | {"full"}
+        methods = [m for m in methods if m.name in keep]
     report = compare_methods("earlyexit", env, methods, episodes, seed, out, baseline="full", extra_fields=extra)
     rows = {r["name"]: r for r in report["methods"]}
-    if "specprune" in rows and rows["specprune"]["latency_ms_p50"]:
+    if "specprune" in rows and "specprune+earlyexit" in rows and rows["specprune"]["latency_ms_p50"]:
         r = rows["specprune+earlyexit"]
         r["ratio_to_specprune"] = round(rows["specprune"]["latency_ms_p50"] / r["latency_ms_p50"], 3)
     base = rows["full"]
