@@ -364,3 +364,42 @@ def test_episode_key_drops_only_the_env() -> None:
     c = EpisodeSpec("remote:tcp://127.0.0.1:5555", "pick up the soup", 3, 5, init_state=8)
     assert a.key() != b.key() and a.episode_key() == b.episode_key() != c.episode_key()
     assert episode_key(a.key()) == a.episode_key() and "libero" not in a.episode_key()
+
+
+@pytest.mark.parametrize("clock", ["unpaced", "wall"])
+def test_inference_cpu_time_separates_work_from_waiting(env, clock):
+    """Each inference records its CPU time next to its wall time (inline: the process; worker thread: that
+    thread): a policy that waits 30 ms costs ~no CPU, one that computes costs CPU, and the records carry both."""
+    import time as _time
+
+    class Waits(ChunkPolicy):
+        def act(self, obs):
+            _time.sleep(0.03)
+            return super().act(obs)
+
+    class Works(ChunkPolicy):
+        def act(self, obs):
+            x = np.random.default_rng(0).standard_normal((200, 200))
+            for _ in range(40):
+                x = np.tanh(x @ x.T / 200.0)
+            return super().act(obs)
+
+    cfg = LoopConfig(clock=clock, max_steps=8)
+    waits = run_episode(env, Waits(chunk=4, n_exec=4), spec0(env), cfg)
+    works = run_episode(env, Works(chunk=4, n_exec=4), spec0(env), cfg)
+    assert len(waits.inference_cpu_ms) == len(waits.inference_ms) == 2
+    assert all(w >= 30.0 for w in waits.inference_ms)
+    assert all(c < 0.5 * w for c, w in zip(waits.inference_cpu_ms, waits.inference_ms))  # sleeping is not CPU
+    assert all(c > 0.0 for c in works.inference_cpu_ms)
+    assert works.to_record()["inference_cpu_ms"] == [round(c, 3) for c in works.inference_cpu_ms]
+
+
+def test_bench_rows_carry_cpu_ratio(tmp_path):
+    """compare_methods reports cpu_ms_p50 and cpu_ratio_to_baseline beside the wall-time ratio."""
+    from vla_runtime.runtime.bench import Method, compare_methods
+
+    rep = compare_methods("t", "dummy:reach", [Method("a", "scripted"), Method("b", "scripted")], 1, 0, tmp_path,
+                          baseline="a", progress=False)
+    rows = {r["name"]: r for r in rep["methods"]}
+    assert rows["a"]["cpu_ms_p50"] is not None and rows["a"]["cpu_ratio_to_baseline"] == 1.0
+    assert "cpu_ratio_to_baseline" in rows["b"]

@@ -168,6 +168,7 @@ def aggregate(records: Iterable[dict[str, Any]], control_hz: float | None = None
             "steps": steps, "wall_s": round(wall, 3),
             "loop_hz": round(steps / loop_s, 2) if loop_s > 0 else None,
             "inference_ms_p50": p["p50"], "inference_ms_p95": p["p95"], "inference_ms_p99": p["p99"],
+            "inference_cpu_ms_p50": percentiles([x for r in ok for x in r.get("inference_cpu_ms", [])])["p50"],
             "inferences": len(inf),
             "deadline_misses": misses,
             "deadline_miss_pct": round(100.0 * misses / steps, 3) if steps else None,

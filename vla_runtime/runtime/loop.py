@@ -116,6 +116,9 @@ class EpisodeResult:
     replans: int = 0
     chunk_starts: list[tuple[int, int]] = field(default_factory=list)  # (obs tick, tick of its first executed action)
     safety: dict[str, int] = field(default_factory=dict)  # interventions reported by a robot agent (remote envs)
+    # CPU time of each inference (see _Inference): on a shared machine wall time grows with the other jobs' load,
+    # CPU time much less, so ratios between methods stay comparable
+    inference_cpu_ms: list[float] = field(default_factory=list)
 
     @property
     def reaction_ms(self) -> list[float]:
@@ -170,6 +173,7 @@ class EpisodeResult:
             "inference_ms": [round(x, 3) for x in self.inference_ms],
             "inference_ms_p50": inf["p50"],
             "inference_ms_p95": inf["p95"],
+            "inference_cpu_ms": [round(x, 3) for x in self.inference_cpu_ms],
             "overhead_ms_p50": ovh["p50"],
             "overhead_ms_p99": ovh["p99"],
             "reaction_ms_mean": float(np.mean(self.reaction_ms)) if self.reaction_ms else None,
@@ -209,6 +213,7 @@ class _Inference:
         self._start_tick = 0
         self._lead = 0
         self._ms = 0.0
+        self._cpu_ms = 0.0
         self._t0 = 0.0
         self.recent_latency_ticks: list[int] = []
 
@@ -221,16 +226,30 @@ class _Inference:
         self._start_tick, self._lead = tick, lead
         if self._pool is not None:
             self._t0 = time.perf_counter()
-            self._future = self._pool.submit(self.policy.act, obs)
+            self._future = self._pool.submit(self._act_timed, obs)
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self._result = self.policy.act(obs)
         self._ms = (time.perf_counter() - t0) * 1e3
+        self._cpu_ms = (time.process_time() - c0) * 1e3  # every thread of the process: the loop waits meanwhile
         if self.cfg.clock == "unpaced":
             self._ready_tick = tick
         else:
             ms = self._ms if self.cfg.latency_ms is None else self.cfg.latency_ms
             self._ready_tick = tick + max(0, math.ceil(ms / (self.period_s * 1e3) - 1e-9) - 1)
+
+    def _act_timed(self, obs: Observation) -> ActionChunk:
+        """Worker-thread inference; CPU time of this thread only (the loop thread runs meanwhile), which misses
+        torch's extra intra-op threads when there are any."""
+        c0 = time.thread_time()
+        chunk = self.policy.act(obs)
+        self._cpu_ms = (time.thread_time() - c0) * 1e3
+        return chunk
+
+    @property
+    def cpu_ms(self) -> float:
+        """CPU time of the inference poll() returned last."""
+        return self._cpu_ms
 
     def poll(self, tick: int) -> tuple[ActionChunk, float, int, int] | None:
         """(chunk, inference ms, start tick, lead) if the in-flight inference is ready for `tick`."""
@@ -295,6 +314,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     hold = env.hold_action()
     ticks: list[TickRecord] = []
     inference_ms: list[float] = []
+    inference_cpu_ms: list[float] = []
     infos: list[dict[str, Any]] = []
     frames: list[np.ndarray] = []
     awaiting_reaction: list[tuple[int, int]] = []  # (obs tick, first tick of its chunk)
@@ -344,6 +364,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
                     switches += 1
                 dropped += queue.put(acts, first, step)
                 inference_ms.append(ms)
+                inference_cpu_ms.append(infer.cpu_ms)
                 infos.append(chunk.info)
                 inf_this_tick = ms
                 awaiting_reaction.append((start_tick, max(first, step)))
@@ -415,6 +436,7 @@ def run_episode(env: Env, policy: Policy, episode: EpisodeSpec, cfg: LoopConfig 
     finally:
         infer.close()
     return EpisodeResult(spec=episode, success=success, steps=step, ticks=ticks, inference_ms=inference_ms,
+                         inference_cpu_ms=inference_cpu_ms,
                          chunk_infos=infos, wall_s=time.perf_counter() - wall0,
                          loop_s=time.perf_counter() - t_start,
                          frames=frames, chunk_switches=switches, dropped_actions=dropped,

@@ -176,13 +176,13 @@ def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path |
 
 
 def format_earlyexit(report: dict[str, Any]) -> str:
-    def ratio(r: dict[str, Any]) -> str:
-        x = r.get("ratio_to_baseline")
+    def ratio(r: dict[str, Any], key: str = "ratio_to_baseline") -> str:
+        x = r.get(key)
         return ("-" if x is None else f"{x:.2f}x").rjust(6)
 
     lines = [f"earlyexit on {report['env']}, {report['episodes']} episodes ({report.get('checkpoint', '')})",
              f"{'method':22s} {'layers':>7s} {'agree%':>7s} {'success% [CI]':>18s} {'p50 ms':>8s} {'p95 ms':>8s} "
-             f"{'ratio':>6s}"]
+             f"{'ratio':>6s} {'cpu':>6s}"]
     for r in report["methods"]:
         ci = r.get("success_ci95") or [0, 0]
         agree = r.get("token_agreement_pct", r.get("chunk_within_tol_pct"))
@@ -190,7 +190,7 @@ def format_earlyexit(report: dict[str, Any]) -> str:
         lines.append(f"{r['name']:22s} {f(r.get('layers_mean'), 7, 2)} {f(agree)} "
                      f"{(f(r.get('success_pct'), 5) + f' [{ci[0]:.0f},{ci[1]:.0f}]').rjust(18)} "
                      f"{f(r.get('latency_ms_p50'), 8)} {f(r.get('latency_ms_p95'), 8)} "
-                     f"{ratio(r)}"
+                     f"{ratio(r)} {ratio(r, 'cpu_ratio_to_baseline')}"
                      + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else ""))
     return "\n".join(lines)
 

@@ -827,14 +827,15 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("method", "success %", "95% CI", "vis tok/layer", "p50 ms", "p95 ms", "ratio")]
+    rows = [("method", "success %", "95% CI", "vis tok/layer", "p50 ms", "p95 ms", "ratio", "cpu ratio")]
     for m in report["methods"]:
         ci = m.get("success_ci95") or [0, 0]
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]",
                      f(m.get("mean_visual_tokens_per_layer")), f(m.get("latency_ms_p50")),
                      f(m.get("latency_ms_p95")),
-                     "-" if m.get("ratio_to_baseline") is None else f"{m['ratio_to_baseline']:.2f}x"))
+                     "-" if m.get("ratio_to_baseline") is None else f"{m['ratio_to_baseline']:.2f}x",
+                     "-" if m.get("cpu_ratio_to_baseline") is None else f"{m['cpu_ratio_to_baseline']:.2f}x"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     head = (f"SpecPrune on {report['env']}, {report['episodes']} episodes, seeds {report['seeds'][:3]}..., "
             f"baselines at budget {report.get('baseline_budget_frac')} of {report.get('n_visual')} visual tokens")
