@@ -237,6 +237,7 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
     episodes = _demo_observations(list(data_dirs), tuple(cfg.cameras), cfg.n_action_steps, max_chunks, 40, seed,
                                   exclude=trained_on)
     ms: dict[str, list[float]] = {n: [] for n in pols}
+    cpu: dict[str, list[float]] = {n: [] for n in pols}  # process CPU time: robust to other jobs' load
     same: dict[str, list[float]] = {n: [] for n in pols}
     err: dict[str, list[float]] = {n: [] for n in pols}  # max |action - reference action| per chunk (env units)
     for obs_list in episodes:
@@ -245,20 +246,24 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
         for obs in obs_list:
             acts = {}
             for name, p in pols.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 acts[name] = p.act(obs).actions
                 ms[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
             for name in pols:
                 ref = acts["specprune"] if name == "specprune+earlyexit" else acts["full"]
                 same[name].append(float(np.mean(np.isclose(acts[name], ref, atol=1e-6))))
                 err[name].append(float(np.abs(acts[name] - ref).max()))
     base = percentiles(ms["full"])["p50"]
+    base_cpu = percentiles(cpu["full"])["p50"]
     rows = []
     for name, p in pols.items():
         pc = percentiles(ms[name])
+        cc = percentiles(cpu[name])
         ep = p.exit_policy if isinstance(p.exit_policy, EarlyExitPolicy) else None
         row = {"name": name, "latency_ms_p50": pc["p50"], "latency_ms_p95": pc["p95"],
                "ratio_to_baseline": round(base / pc["p50"], 3) if pc["p50"] else None,
+               "cpu_ms_p50": cc["p50"], "cpu_ratio_to_baseline": round(base_cpu / cc["p50"], 3) if cc["p50"] else None,
                "same_chunk_tokens_pct": round(100.0 * float(np.mean(same[name])), 2),
                "chunk_max_abs_err_mean": round(float(np.mean(err[name])), 4),
                **summarize(ep, p.model.n_layers)}
@@ -273,7 +278,7 @@ def replay_earlyexit(checkpoint: str, data_dirs: list[Path], max_chunks: int = 4
     for r in rows:
         print(f"  {r['name']:22s} layers {r.get('layers_mean')}  agree {r.get('token_agreement_pct')}%  same-chunk "
               f"{r['same_chunk_tokens_pct']}%  p50 {r['latency_ms_p50']:.1f} ms  p95 {r['latency_ms_p95']:.1f} ms  "
-              f"ratio {r['ratio_to_baseline']}x  chunk err {r['chunk_max_abs_err_mean']}"
+              f"ratio {r['ratio_to_baseline']}x (cpu {r['cpu_ratio_to_baseline']}x)  chunk err {r['chunk_max_abs_err_mean']}"
               + (f"  within-tol {r['chunk_within_tol_pct']}%" if "chunk_within_tol_pct" in r else ""))
     return report
 
