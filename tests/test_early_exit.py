@@ -442,3 +442,23 @@ def test_bench_arms_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     rep = bench_earlyexit(env="dummy:reach", policy=str(ck), episodes=1, seed=0, out=None,
                           arms=("specprune+earlyexit",), options={"threshold": 0.01})
     assert [r["name"] for r in rep["methods"]] == ["full", "specprune+earlyexit"]
+
+
+def test_replay_compares_on_held_out_frames(tmp_path: Path) -> None:
+    """The open-loop replay runs full and early exit on the same frames of demos the predictors were not trained
+    on, and reports layers, agreement, identical-chunk share and wall/CPU latency ratios."""
+    from vla_runtime.policies.vla.early_exit_bench import replay_earlyexit
+    from vla_runtime.train.demos import write_dummy_demos
+
+    ck, demos = _ckpt_and_demos(tmp_path, "ar")
+    EE.train_exit_predictors(str(ck), [demos], ck / EE.PREDICTOR_DIR, epochs=1)
+    write_dummy_demos(tmp_path / "demos", 5, image_size=32, speed=1.0, max_steps=8)  # 2 more, unseen
+    rep = replay_earlyexit(str(ck), [tmp_path / "demos"], max_chunks=4, options={"threshold": 0.01},
+                           out=tmp_path / "r")
+    rows = {r["name"]: r for r in rep["methods"]}
+    assert rep["held_out"] and rep["episodes"] == 2 and set(rows) == {"full", "earlyexit"}
+    assert rows["full"]["layers_mean"] == TINY["layers"] and rows["full"]["same_chunk_tokens_pct"] == 100.0
+    assert rows["earlyexit"]["layers_mean"] < TINY["layers"]  # threshold 0.01: it exits
+    for r in rows.values():
+        assert r["cpu_ms_p50"] > 0 and r["cpu_ratio_to_baseline"] is not None
+    assert json.loads((tmp_path / "r" / "bench.json").read_text())["bench"] == "earlyexit-replay"
