@@ -221,7 +221,7 @@ def test_copy_kv_fill_writes_every_deeper_layer() -> None:
     pol = ForcedExit(m, const_bank(m, 0.0, cfg), cfg)
     caches: list[object] = []
     hk = m.decoder.layers[0].register_forward_pre_hook(
-        lambda mod, a, kw: caches.append(kw.get("past_key_values")), with_kwargs=True)
+        lambda mod, a, kw: caches.append(kw.get("cache", kw.get("past_key_values"))), with_kwargs=True)
     with torch.no_grad():
         _, ctx = m.predict(*inputs(m.cfg), exit_policy=pol, ctx=StepContext(m.n_layers, "ar"))
     hk.remove()

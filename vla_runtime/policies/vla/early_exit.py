@@ -509,7 +509,7 @@ class EarlyExitPolicy:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not self._active:
                 return None
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if isinstance(cache, LayerKVCache):
                 self._cache = cache
             if j == 0:

@@ -184,6 +184,21 @@ class LayerKVCache:
 # ---------------------------------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------------------------------
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` (transformers >= 5.25) or `past_key_values`
+    (earlier 5.x; later versions only remap it, with a deprecation warning)."""
+    t = type(layer)
+    if t not in _CACHE_KWARG:
+        import inspect
+
+        params = inspect.signature(t.forward).parameters
+        _CACHE_KWARG[t] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[t]
+
+
 def build_attention_mask(q_pos: torch.Tensor, q_kind: torch.Tensor, k_pos: torch.Tensor, k_kind: torch.Tensor,
                          k_valid: torch.Tensor, bidirectional_suffix: bool, dtype: torch.dtype) -> torch.Tensor:
     """Additive 4D mask (B, 1, Q, K) from token positions, not from indices, so gaps left by dropped tokens
@@ -440,7 +455,7 @@ class VLAModel(nn.Module):
                    ) -> torch.Tensor:
         kw: dict[str, Any] = dict(attention_mask=mask, position_embeddings=pe, position_ids=positions)
         if cache is not None:
-            kw.update(past_key_values=cache, use_cache=True)
+            kw.update({cache_kwarg(layer): cache, "use_cache": True})
         if not capture:
             lg = self.layer_graphs
             if lg is not None and cache is None and lg.usable(layer, h):
