@@ -326,6 +326,21 @@ def test_train_rejects_missing_data(tmp_path: Path) -> None:
         EE.train_exit_predictors(str(ck), [tmp_path / "empty"], tmp_path / "out")
 
 
+def test_cli_trains_predictors_to_the_given_precision(tmp_path: Path) -> None:
+    from vla_runtime.cli import main
+
+    ck, demos = _ckpt_and_demos(tmp_path, "ar")
+    out = tmp_path / "pred"
+    assert main(["train", "--policy", "exit-predictors", "--checkpoint", str(ck), "--data", str(demos),
+                 "--out", str(out), "--target-precision", "0.9", "--max-chunks", "9"]) == 0
+    train = json.loads((out / EE.META_FILE).read_text())["train"]
+    assert train["target_precision"] == 0.9 and train["chunks"] == 9
+    for bad in (["--target-precision", "1.5"], ["--max-chunks", "2"]):
+        assert main(["train", "--policy", "exit-predictors", "--checkpoint", str(ck), "--data", str(demos),
+                     "--out", str(tmp_path / "bad"), *bad]) != 0
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------------------------- parallel mode
 def test_parallel_exit_uses_the_exit_layers_chunk() -> None:
     m = tiny_model("parallel", layers=4)

@@ -170,6 +170,8 @@ def train(
     device: str = "cpu",
     ema: float = 0.0,
     init_from: str | None = None,
+    target_precision: float | None = None,
+    max_chunks: int = 400,
 ) -> None:
     """Train a policy on demo directories (comma-separated DATA) into OUT; resumable.
 
@@ -189,6 +191,9 @@ def train(
         init_from: start from this checkpoint (shipped name or dir) when OUT holds no training state; its
             weights and normalisation are kept, the optimiser starts fresh. vla: every weight that fits is copied,
             so an AR run can start from a parallel run's trunk (--mode ar --init-from vla_libero_object).
+        target_precision: exit-predictors: each layer's threshold is the lowest whose exits are correct at this
+            rate on held-out chunks (default 0.99 AR, 0.95 parallel); lower trades agreement for depth.
+        max_chunks: exit-predictors: rollout chunks collected from the demos for training.
     """
     if threads:
         import torch
@@ -225,7 +230,12 @@ def train(
             raise UserError("--checkpoint is required for exit-predictors")
         from vla_runtime.policies.vla.early_exit import train_exit_predictors
 
-        train_exit_predictors(checkpoint, dirs, out, device=device)
+        if target_precision is not None and not 0.5 <= target_precision <= 1.0:
+            raise UserError(f"--target-precision must be in [0.5, 1], got {target_precision}")
+        if max_chunks < 8:
+            raise UserError(f"--max-chunks must be >= 8, got {max_chunks}")
+        train_exit_predictors(checkpoint, dirs, out, device=device, target_precision=target_precision,
+                              max_chunks=max_chunks)
 
 
 def list_() -> None:
