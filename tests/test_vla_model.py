@@ -11,8 +11,8 @@ from torch import nn
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
-from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, StepContext,
-                                               VLAModel, build_attention_mask)
+from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, SmallBatchLinear,
+                                               StepContext, VLAModel, build_attention_mask, use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import WordTokenizer, normalize
 
 torch.set_num_threads(1)
@@ -218,6 +218,61 @@ def test_ar_kv_cache_decode_equals_full_recompute() -> None:
     assert actions.shape == (1, m.cfg.chunk_size, m.cfg.action_dim)
     assert torch.equal(full_bins, bins)
     assert len(ctx.extra["decode_exit_layers"]) == m.cfg.n_action_tokens
+
+
+def test_small_batch_linear_runs_few_rows_in_float32_and_keeps_the_module() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).to(torch.bfloat16)
+    keys = sorted(lin.state_dict())
+    ref = copy.deepcopy(lin)
+    assert use_fp32_small_batch(lin) == 1 and type(lin) is SmallBatchLinear and sorted(lin.state_dict()) == keys
+    few, many = torch.randn(1, 2, 16).to(torch.bfloat16), torch.randn(40, 16).to(torch.bfloat16)
+    want = nn.functional.linear(few.float(), ref.weight.float(), ref.bias.float()).to(torch.bfloat16)
+    assert torch.equal(lin(few), want) and lin(few).dtype == torch.bfloat16
+    assert torch.equal(lin(many), ref(many))  # many rows: the plain bf16 path
+    x32 = torch.randn(40, 16)  # float32 input (decode_fp32): float32 path whatever the rows
+    assert torch.equal(lin(x32), nn.functional.linear(x32, ref.weight.float(), ref.bias.float()))
+    with torch.no_grad():
+        lin.weight.mul_(2)  # a changed weight is not served from the stale float32 copy
+    assert torch.equal(lin(few), nn.functional.linear(few.float(), 2 * ref.weight.float(),
+                                                      ref.bias.float()).to(torch.bfloat16))
+    assert use_fp32_small_batch(lin, enable=False) == 1 and type(lin) is nn.Linear
+
+
+def test_float32_decode_after_bf16_prefill_equals_its_reference() -> None:
+    """decode_fp32: the prefill runs in bf16, every decode step in float32 from the same (bf16) weights."""
+    mb = make_model("llama", mode="ar", attn="sdpa").to(torch.bfloat16)
+    mf = copy.deepcopy(mb).float()  # float32 copy of the bf16-rounded weights: the decode-step reference
+    for part in (mb.decoder, mb.head):
+        use_fp32_small_batch(part)
+    mb.decode_fp32 = True
+    cfg, b = mb.cfg, batch(mb.cfg, B=1)
+    b = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in b.items()}
+    seen: list[tuple[int, torch.dtype]] = []
+    hook = mb.decoder.layers[0].register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((int(args[0].shape[1]), args[0].dtype)), with_kwargs=True)
+    with torch.no_grad():
+        actions, _ = mb.predict(b["images"], b["state"], b["text_ids"], b["text_valid"])
+        hook.remove()
+        h = torch.cat([mb.embed_prefix(b["images"], b["state"], b["text_ids"]), mb.suffix_inputs(1, torch.bfloat16)], 1)
+        pos, kinds, valid = mb.layout(1, b["text_valid"], h.device)
+        keep = valid[0, :cfg.prefix_len + 1].nonzero().squeeze(1)
+        h, pos, kinds, valid = h[:, keep], pos[:, keep], kinds[:, keep], valid[:, keep]
+        cache = LayerKVCache(mb.n_layers)
+        out, _ = mb.forward_layers(h, pos, kinds, valid, cache=cache, bidirectional_suffix=False)
+        cache.to_dtype(torch.float32)
+        last, bins = out[:, -1:].float(), []
+        for step in range(cfg.n_action_tokens):
+            bins.append(mf.head(last).argmax(-1))
+            if step < cfg.n_action_tokens - 1:
+                p = torch.tensor([[cfg.prefix_len + 1 + step]])
+                last, _ = mf.forward_layers(mf.embed_action_tokens(bins[-1]), p, torch.full_like(p, KIND_SUFFIX),
+                                            torch.ones_like(p, dtype=torch.bool), cache=cache,
+                                            bidirectional_suffix=False)
+    assert seen[0] == (h.shape[1], torch.bfloat16)  # the prefill in bf16
+    assert seen[1:] and all(s == (1, torch.float32) for s in seen[1:])  # every decode step in float32
+    want = mf.head.detokenize(torch.cat(bins, 1).reshape(1, cfg.chunk_size, cfg.action_dim))
+    assert torch.equal(actions, want)
 
 
 def test_layer_kv_cache_appends() -> None:

@@ -55,6 +55,28 @@ def test_policy_act_on_dummy_env(mode: str, tmp_path: Path) -> None:
         obs = env.step(chunk.actions[0]).obs
 
 
+def test_cpu_float32_decode_is_on_for_ar_in_bf16_only(tmp_path: Path) -> None:
+    from vla_runtime.policies.vla.modeling import SmallBatchLinear
+
+    ar, par = make_ckpt(tmp_path, "ar"), make_ckpt(tmp_path, "parallel")
+    cases = [(ar, {}, True), (ar, {"dtype": "fp32"}, False), (ar, {"cpu_decode_fp32": False}, False),
+             (par, {}, False), (par, {"cpu_decode_fp32": True}, True)]
+    for ck, kw, on in cases:
+        pol = load_vla_policy(ck, **kw)  # type: ignore[arg-type]
+        q = pol.model.decoder.layers[0].self_attn.q_proj
+        assert pol.cpu_decode_fp32 is on and pol.model.decode_fp32 is on, (ck.name, kw)
+        assert (type(q) is SmallBatchLinear) is on, (ck.name, kw)
+    a = load_vla_policy(ar)
+    b = load_vla_policy(ar, cpu_decode_fp32=False)
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
+    for p in (a, b):
+        p.reset(obs.instruction)
+    # float32 decoding changes rounding, not the model: the chunks stay within a bin or two of bf16 decoding
+    step = 2.0 / a.model.cfg.n_bins * 4.0  # widest action range (4) over the bins, two bins
+    assert np.abs(a.act(obs).actions - b.act(obs).actions).max() <= step
+
+
 def test_policy_rejects_bad_inputs(tmp_path: Path) -> None:
     ck = make_ckpt(tmp_path)
     with pytest.raises(UserError, match="unknown VLA acceleration"):

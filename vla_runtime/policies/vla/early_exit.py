@@ -467,6 +467,7 @@ class EarlyExitPolicy:
             w, eps = final_norm_params(self.model)
             self._norm_w, self._norm_eps = w.to(ref.device), eps
             self._head_w = ar_head_weight(self.model)
+            self._head_w32 = self._head_w.float()  # the shallow ranking and the exit argmax run in float32
 
     def threshold(self, layer: int) -> float:
         if self.cfg.threshold is not None:
@@ -654,7 +655,7 @@ class EarlyExitPolicy:
         h = hidden[:, -1]  # (1, D)
         if i == self.cfg.shallow_layer and self._check and self._cand is None and self.cfg.n_shallow > 0:
             n = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self._norm_eps) * self._norm_w.float()
-            self._set_candidates(build_candidates(self._prev_token, (n @ self._head_w.float().t())[0], self.cfg,
+            self._set_candidates(build_candidates(self._prev_token, (n @ self._head_w32.t())[0], self.cfg,
                                                   self.model.cfg.n_bins))
         if self._cand is None or i not in self._check or i not in self._params or i < self.cfg.shallow_layer:
             return False
@@ -688,7 +689,8 @@ class EarlyExitPolicy:
         if self.last_score < self.threshold(i):
             return False
         # not `self.model.head(...)`: that would fire the emitted-token hook
-        top = int(torch.nn.functional.linear(self.model.decoder.norm(hidden[:, -1]), self._head_w)[0].argmax())
+        normed = self.model.decoder.norm(hidden[:, -1]).float()
+        top = int(torch.nn.functional.linear(normed, self._head_w32)[0].argmax())
         if top not in self._cand_list:  # SpecEE's rule: the layer's own token must be a candidate
             self.stats.rejected_by_argmax += 1
             return False

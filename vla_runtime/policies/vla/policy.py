@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
-from vla_runtime.policies.vla.modeling import ExitPolicy, StepContext, TokenPruner, VLAModel
+from vla_runtime.policies.vla.modeling import (ExitPolicy, StepContext, TokenPruner, VLAModel, count_params,
+                                              use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
 from vla_runtime.runtime.types import ActionChunk, Observation, PolicySpec
 
@@ -119,12 +120,22 @@ class VLAPolicy:
     def __init__(self, model: VLAModel, tokenizer: WordTokenizer | HFTokenizer, stats: dict[str, np.ndarray],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None, name: str = "vla",
-                 accel: tuple[str, ...] = (), cuda_graphs: bool | None = None) -> None:
-        """cuda_graphs: replay decoder layers from CUDA graphs (see cuda_graphs.py); None = on for CUDA devices."""
+                 accel: tuple[str, ...] = (), cuda_graphs: bool | None = None,
+                 cpu_decode_fp32: bool | None = None) -> None:
+        """cuda_graphs: replay decoder layers from CUDA graphs (see cuda_graphs.py); None = on for CUDA devices.
+        cpu_decode_fp32: on the CPU with bf16/fp16 weights, run the decoder's and head's few-row linears (AR
+        decoding) in float32 (`SmallBatchLinear`); None = on for AR models up to 200M decoder parameters."""
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
+        if cpu_decode_fp32 is None:
+            cpu_decode_fp32 = (model.cfg.mode == "ar" and self.device.type == "cpu" and dtype != torch.float32
+                               and count_params(self.model.decoder) <= 200_000_000)
+        self.cpu_decode_fp32 = bool(cpu_decode_fp32)
+        self.model.decode_fp32 = self.cpu_decode_fp32
+        for part in (self.model.decoder, self.model.head):
+            use_fp32_small_batch(part, self.cpu_decode_fp32)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type == "cuda":
@@ -317,7 +328,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
     if tdtype is None:
         raise UserError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs"})
+    unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs", "cpu_decode_fp32"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
     load_accelerations()
@@ -338,4 +349,5 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     model.checkpoint_dir = str(d)  # strategies find their files next to the weights (<ckpt>/exit_predictors)
     pruner, exit_policy = build_strategies(model, tuple(accel), accel_options)
     return VLAPolicy(model, tok, stats, device=dev, dtype=tdtype, pruner=pruner, exit_policy=exit_policy,
-                     name=f"vla:{d.name}", accel=tuple(accel), cuda_graphs=kw.get("cuda_graphs"))
+                     name=f"vla:{d.name}", accel=tuple(accel), cuda_graphs=kw.get("cuda_graphs"),
+                     cpu_decode_fp32=kw.get("cpu_decode_fp32"))
