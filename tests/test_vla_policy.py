@@ -215,6 +215,18 @@ def test_bench_reports_split_tokens_and_flops(mode: str, tmp_path: Path) -> None
     assert pruned["gflops_per_step"] < full["gflops_per_step"]
 
 
+def test_bench_compares_bf16_and_fp32_decode_steps(tmp_path: Path) -> None:
+    from vla_runtime.policies.vla.bench import bench_vla
+
+    res = bench_vla(VLAConfig(mode="ar", **TINY), steps=1, warmup=0, threads=1, peak_seconds=0.05,  # type: ignore[arg-type]
+                    cpu_decode="both")
+    names = [m["name"] for m in res["methods"]]
+    assert names == ["full (bf16 decode)", "full (fp32 decode)"] and res["baseline"] == "full (bf16 decode)"
+    assert [m["cpu_decode_fp32"] for m in res["methods"]] == [False, True]
+    with pytest.raises(UserError, match="cpu_decode"):
+        bench_vla(VLAConfig(mode="ar", **TINY), steps=1, cpu_decode="fast")  # type: ignore[arg-type]
+
+
 def test_train_init_from_parallel_starts_ar_from_its_trunk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """--init-from copies every weight that fits (an AR run from a parallel run: all but the action head and the
     action-slot embeddings), keeps the source's tokenizer and normalisation, lets --config change the chunk, and

@@ -132,10 +132,7 @@ class VLAPolicy:
         if cpu_decode_fp32 is None:
             cpu_decode_fp32 = (model.cfg.mode == "ar" and self.device.type == "cpu" and dtype != torch.float32
                                and count_params(self.model.decoder) <= 200_000_000)
-        self.cpu_decode_fp32 = bool(cpu_decode_fp32)
-        self.model.decode_fp32 = self.cpu_decode_fp32
-        for part in (self.model.decoder, self.model.head):
-            use_fp32_small_batch(part, self.cpu_decode_fp32)
+        self.set_cpu_decode_fp32(bool(cpu_decode_fp32))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type == "cuda":
@@ -169,6 +166,14 @@ class VLAPolicy:
         v = torch.zeros(1, T, dtype=torch.bool)
         v[0, :len(ids)] = True
         return t.to(self.device), v.to(self.device)
+
+    def set_cpu_decode_fp32(self, on: bool) -> None:
+        """Float32 AR decode steps after a bf16 prefill on the CPU (see SmallBatchLinear); a model is shared by
+        the policies forked from it, so this sets it for all of them."""
+        self.cpu_decode_fp32 = bool(on)
+        self.model.decode_fp32 = self.cpu_decode_fp32
+        for part in (self.model.decoder, self.model.head):
+            use_fp32_small_batch(part, self.cpu_decode_fp32)
 
     def reset(self, instruction: str) -> None:
         self.memory = {}
