@@ -11,6 +11,8 @@ from torch import nn
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
+from vla_runtime.policies.vla.lean_decode import (lean_calls, lean_layer_forward, lean_supported, lean_weights,
+                                                  use_lean_decode)
 from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, SmallBatchLinear,
                                                StepContext, VLAModel, build_attention_mask, use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import WordTokenizer, normalize
@@ -239,12 +241,16 @@ def test_small_batch_linear_runs_few_rows_in_float32_and_keeps_the_module() -> N
     assert use_fp32_small_batch(lin, enable=False) == 1 and type(lin) is nn.Linear
 
 
-def test_float32_decode_after_bf16_prefill_equals_its_reference() -> None:
-    """decode_fp32: the prefill runs in bf16, every decode step in float32 from the same (bf16) weights."""
+@pytest.mark.parametrize("lean", [False, True])
+def test_float32_decode_after_bf16_prefill_equals_its_reference(lean: bool) -> None:
+    """decode_fp32: the prefill runs in bf16, every decode step in float32 from the same (bf16) weights; with
+    `lean`, the decode steps run the fused lean layer instead of the stock one."""
     mb = make_model("llama", mode="ar", attn="sdpa").to(torch.bfloat16)
     mf = copy.deepcopy(mb).float()  # float32 copy of the bf16-rounded weights: the decode-step reference
     for part in (mb.decoder, mb.head):
         use_fp32_small_batch(part)
+    if lean:
+        assert use_lean_decode(mb.decoder) == mb.n_layers
     mb.decode_fp32 = True
     cfg, b = mb.cfg, batch(mb.cfg, B=1)
     b = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in b.items()}
@@ -273,6 +279,58 @@ def test_float32_decode_after_bf16_prefill_equals_its_reference() -> None:
     assert seen[1:] and all(s == (1, torch.float32) for s in seen[1:])  # every decode step in float32
     want = mf.head.detokenize(torch.cat(bins, 1).reshape(1, cfg.chunk_size, cfg.action_dim))
     assert torch.equal(actions, want)
+    # the lean path took exactly the decode steps (every layer of every token after the first), not the prefill
+    assert lean_calls(mb.decoder) == (mb.n_layers * (cfg.n_action_tokens - 1) if lean else 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_lean_decode_layer_equals_the_stock_layer(family: str, rows: int) -> None:
+    m = make_model(family, mode="ar", attn="sdpa")
+    layer = m.decoder.layers[1]
+    assert lean_supported(layer)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, rows, m.hidden, generator=g)
+    pos = torch.arange(10, 10 + rows)[None]
+    pe = m.decoder.rotary_emb(h, position_ids=pos)
+    kpos = torch.arange(10 + rows)[None]
+    kind = torch.full_like(kpos, KIND_SUFFIX)
+    mask = None if rows == 1 else build_attention_mask(pos, kind[:, -rows:], kpos, kind,
+                                                       torch.ones_like(kpos, dtype=torch.bool), False, torch.float32)
+    caches = [LayerKVCache(m.n_layers) for _ in range(2)]
+    prev = torch.randn(1, m.decoder.config.num_key_value_heads, 10, m.decoder.config.head_dim, generator=g)
+    for c in caches:
+        c.k[1], c.v[1] = prev.clone(), 0.5 * prev.clone()
+    with torch.no_grad():
+        want = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, cache=caches[0],
+                     use_cache=True)
+        got = lean_layer_forward(lean_weights(layer), h, mask, pe, caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[1].k[1], caches[0].k[1]) and torch.testing.assert_close(caches[1].v[1],
+                                                                                            caches[0].v[1])
+
+
+def test_lean_decode_keeps_hooks_and_leaves_other_calls_to_the_stock_layer() -> None:
+    m = make_model("llama", mode="ar", attn="sdpa")
+    layer = m.decoder.layers[0]
+    assert use_lean_decode(m.decoder) == m.n_layers and use_lean_decode(m.decoder) == 0  # idempotent
+    seen: list[int] = []
+    layer.register_forward_pre_hook(lambda mod, args, kw: seen.append(int(args[0].shape[1])), with_kwargs=True)
+    h = torch.randn(1, 12, m.hidden)
+    pos = torch.arange(12)[None]
+    with torch.no_grad():
+        layer(h, attention_mask=None, position_embeddings=m.decoder.rotary_emb(h, position_ids=pos), position_ids=pos)
+        assert lean_calls(m.decoder) == 0  # 12 rows: the stock layer
+        x = h[:, :1]
+        layer(x, attention_mask=None, position_embeddings=m.decoder.rotary_emb(x, position_ids=pos[:, :1]),
+              position_ids=pos[:, :1])
+        assert lean_calls(m.decoder) == 1
+    layer(x, attention_mask=None, position_embeddings=m.decoder.rotary_emb(x, position_ids=pos[:, :1]),
+          position_ids=pos[:, :1])  # with autograd on (training): the stock layer
+    assert lean_calls(m.decoder) == 1 and seen == [12, 1, 1]  # hooks ran on every path
+    assert use_lean_decode(m.decoder, enable=False) == m.n_layers and "forward" not in layer.__dict__
+    gemma = make_model("gemma", mode="ar")
+    assert use_lean_decode(gemma.decoder) == 0  # (1 + w) norms, GELU: not the lean layer's math
 
 
 def test_layer_kv_cache_appends() -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
+from vla_runtime.policies.vla.lean_decode import use_lean_decode
 from vla_runtime.policies.vla.modeling import (ExitPolicy, StepContext, TokenPruner, VLAModel, count_params,
                                               use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
@@ -174,6 +175,7 @@ class VLAPolicy:
         self.model.decode_fp32 = self.cpu_decode_fp32
         for part in (self.model.decoder, self.model.head):
             use_fp32_small_batch(part, self.cpu_decode_fp32)
+        use_lean_decode(self.model.decoder, self.cpu_decode_fp32)  # fused float32 decode-step layers (Llama, Qwen2)
 
     def reset(self, instruction: str) -> None:
         self.memory = {}

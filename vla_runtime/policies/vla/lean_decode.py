@@ -1,0 +1,158 @@
+"""A lean float32 decode step for stock Llama / Qwen2 decoder layers on the CPU.
+
+Batch-1 AR decoding of a small decoder on a CPU is bound by per-op overhead, not arithmetic: one stock
+`LlamaDecoderLayer` call for one token is ~30 torch ops and a dozen Python module calls (the attention interface
+lookup, the hub-kernel wrappers, the deprecation wrapper, repeat_kv, RMSNorm's casts). This module computes the
+same layer with the same weights in ~15 ops: q/k/v in one matmul and gate/up in another (float32 copies of the
+layer's weights, fused once), rotary and RMSNorm inline, grouped-query SDPA without repeat_kv.
+
+It replaces only the layer's `forward` (an instance attribute, see `use_lean_decode`), so `layer(...)` still runs
+the module's hooks (the early-exit lazy KV fill adds its pending rows in a forward pre-hook), and it takes the
+lean path only for float32 inputs of a few rows on the CPU (the decode steps of `VLAModel.decode_fp32`); every
+other call (the bf16 prefill, training, attention capture, CUDA) goes to the stock forward unchanged.
+Tests: `tests/test_vla_model.py` (lean layer = stock layer, AR decode with and without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+LEAN_FAMILIES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+MAX_ROWS = 8  # a decode token plus the lazy KV fill's pending rows
+
+
+@dataclass
+class LeanWeights:
+    wqkv: torch.Tensor  # (H*hd + 2*Hkv*hd, D) float32
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    wgu: torch.Tensor  # (2*I, D): gate rows then up rows
+    wdown: torch.Tensor
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps1: float
+    eps2: float
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    layer_idx: int
+
+
+def lean_supported(layer: nn.Module) -> bool:
+    """Llama / Qwen2 layers with SiLU gated MLPs, full attention, bias-free o_proj and MLP."""
+    if type(layer).__name__ not in LEAN_FAMILIES:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or getattr(attn, "sliding_window", None):
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return False
+    if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    return all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm))
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def lean_weights(layer: nn.Module) -> LeanWeights:
+    a, m = layer.self_attn, layer.mlp
+    q, k, v = a.q_proj, a.k_proj, a.v_proj
+    biases = [p.bias for p in (q, k, v)]
+    bqkv = None if all(b is None for b in biases) else torch.cat(
+        [(b if b is not None else torch.zeros(p.out_features, device=p.weight.device)).detach().float()
+         for b, p in zip(biases, (q, k, v))])
+    hd = int(a.head_dim)
+    wqkv = _f32(torch.cat([q.weight, k.weight, v.weight], 0))
+    wo, wgu, wdown = _f32(a.o_proj.weight), _f32(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)), \
+        _f32(m.down_proj.weight)
+    ln1, ln2 = _f32(layer.input_layernorm.weight), _f32(layer.post_attention_layernorm.weight)
+    assert wqkv is not None and wo is not None and wgu is not None and wdown is not None
+    assert ln1 is not None and ln2 is not None
+    return LeanWeights(wqkv=wqkv, bqkv=bqkv, wo=wo, bo=_f32(a.o_proj.bias), wgu=wgu, wdown=wdown, ln1=ln1, ln2=ln2,
+                       eps1=float(layer.input_layernorm.variance_epsilon),
+                       eps2=float(layer.post_attention_layernorm.variance_epsilon),
+                       n_heads=q.out_features // hd, n_kv=k.out_features // hd, head_dim=hd,
+                       scaling=float(a.scaling), layer_idx=int(a.layer_idx))
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any) -> torch.Tensor:
+    """One decoder layer on float32 rows h (B, Q, D), the stock layer's math."""
+    B, Q, _ = h.shape
+    H, Hkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
+    x = _rms(h, lw.ln1, lw.eps1)
+    qkv = nn.functional.linear(x, lw.wqkv, lw.bqkv)
+    q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), -1)
+    q = q.view(B, Q, H, hd).transpose(1, 2)
+    k = k.view(B, Q, Hkv, hd).transpose(1, 2)
+    v = v.view(B, Q, Hkv, hd).transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1).to(h.dtype), sin.unsqueeze(1).to(h.dtype)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    if cache is not None:
+        k, v = cache.update(k, v, lw.layer_idx)
+    o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=lw.scaling,
+                                                   enable_gqa=H != Hkv)
+    h = h + nn.functional.linear(o.transpose(1, 2).reshape(B, Q, H * hd), lw.wo, lw.bo)
+    g, u = nn.functional.linear(_rms(h, lw.ln2, lw.eps2), lw.wgu).chunk(2, -1)
+    return h + nn.functional.linear(nn.functional.silu(g) * u, lw.wdown)
+
+
+class _LeanForward:
+    """The instance-level forward installed on a layer: lean for float32 decode rows on the CPU, stock else."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.stock = type(layer).forward
+        self.weights: LeanWeights | None = None
+        self.calls = 0
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        h = hidden_states
+        if (args or h.dtype != torch.float32 or h.device.type != "cpu" or h.dim() != 3 or h.shape[1] > MAX_ROWS
+                or kw.get("position_embeddings") is None or torch.is_grad_enabled()):
+            return self.stock(self.layer, hidden_states, *args, **kw)
+        if self.weights is None:
+            self.weights = lean_weights(self.layer)
+        self.calls += 1
+        cache = kw.get("cache", kw.get("past_key_values"))
+        return lean_layer_forward(self.weights, h, kw.get("attention_mask"), kw["position_embeddings"], cache)
+
+
+def use_lean_decode(decoder: nn.Module, enable: bool = True) -> int:
+    """Install (or remove) the lean decode forward on every supported layer of decoder; returns how many."""
+    n = 0
+    for layer in getattr(decoder, "layers", []):
+        has = isinstance(layer.__dict__.get("forward"), _LeanForward)
+        if enable and not has and lean_supported(layer):
+            layer.forward = _LeanForward(layer)
+            n += 1
+        elif not enable and has:
+            del layer.forward
+            n += 1
+    return n
+
+
+def lean_calls(decoder: nn.Module) -> int:
+    """How many layer calls took the lean path so far (tests, benches)."""
+    return sum(f.calls for f in (layer.__dict__.get("forward") for layer in getattr(decoder, "layers", []))
+               if isinstance(f, _LeanForward))
