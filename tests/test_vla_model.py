@@ -11,8 +11,8 @@ from torch import nn
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
-from vla_runtime.policies.vla.lean_decode import (lean_calls, lean_layer_forward, lean_supported, lean_weights,
-                                                  use_lean_decode)
+from vla_runtime.policies.vla.lean_layers import (lean_calls, lean_layer_forward, lean_supported, lean_weights,
+                                                  use_lean_layers)
 from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, SmallBatchLinear,
                                                StepContext, VLAModel, build_attention_mask, use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import WordTokenizer, normalize
@@ -250,7 +250,7 @@ def test_float32_decode_after_bf16_prefill_equals_its_reference(lean: bool) -> N
     for part in (mb.decoder, mb.head):
         use_fp32_small_batch(part)
     if lean:
-        assert use_lean_decode(mb.decoder) == mb.n_layers
+        assert use_lean_layers(mb.decoder) == mb.n_layers
     mb.decode_fp32 = True
     cfg, b = mb.cfg, batch(mb.cfg, B=1)
     b = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in b.items()}
@@ -260,6 +260,8 @@ def test_float32_decode_after_bf16_prefill_equals_its_reference(lean: bool) -> N
     with torch.no_grad():
         actions, _ = mb.predict(b["images"], b["state"], b["text_ids"], b["text_valid"])
         hook.remove()
+        n_lean = lean_calls(mb.decoder)
+        use_lean_layers(mb.decoder, enable=False)  # the reference runs the stock layers
         h = torch.cat([mb.embed_prefix(b["images"], b["state"], b["text_ids"]), mb.suffix_inputs(1, torch.bfloat16)], 1)
         pos, kinds, valid = mb.layout(1, b["text_valid"], h.device)
         keep = valid[0, :cfg.prefix_len + 1].nonzero().squeeze(1)
@@ -279,58 +281,78 @@ def test_float32_decode_after_bf16_prefill_equals_its_reference(lean: bool) -> N
     assert seen[1:] and all(s == (1, torch.float32) for s in seen[1:])  # every decode step in float32
     want = mf.head.detokenize(torch.cat(bins, 1).reshape(1, cfg.chunk_size, cfg.action_dim))
     assert torch.equal(actions, want)
-    # the lean path took exactly the decode steps (every layer of every token after the first), not the prefill
-    assert lean_calls(mb.decoder) == (mb.n_layers * (cfg.n_action_tokens - 1) if lean else 0)
+    # the lean path took every layer call: the bf16 prefill and every decode step
+    assert n_lean == (mb.n_layers * cfg.n_action_tokens if lean else 0)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_lean_decode_layer_equals_the_stock_layer(family: str, rows: int) -> None:
-    m = make_model(family, mode="ar", attn="sdpa")
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (3, torch.float32), (20, torch.bfloat16)])
+def test_lean_layer_equals_the_stock_layer(family: str, rows: int, dtype: torch.dtype) -> None:
+    m = make_model(family, mode="ar", attn="sdpa").to(dtype)
     layer = m.decoder.layers[1]
     assert lean_supported(layer)
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(1, rows, m.hidden, generator=g)
+    h = torch.randn(1, rows, m.hidden, generator=g).to(dtype)
     pos = torch.arange(10, 10 + rows)[None]
     pe = m.decoder.rotary_emb(h, position_ids=pos)
     kpos = torch.arange(10 + rows)[None]
     kind = torch.full_like(kpos, KIND_SUFFIX)
     mask = None if rows == 1 else build_attention_mask(pos, kind[:, -rows:], kpos, kind,
-                                                       torch.ones_like(kpos, dtype=torch.bool), False, torch.float32)
+                                                       torch.ones_like(kpos, dtype=torch.bool), False, dtype)
     caches = [LayerKVCache(m.n_layers) for _ in range(2)]
-    prev = torch.randn(1, m.decoder.config.num_key_value_heads, 10, m.decoder.config.head_dim, generator=g)
+    prev = torch.randn(1, m.decoder.config.num_key_value_heads, 10, m.decoder.config.head_dim, generator=g).to(dtype)
     for c in caches:
         c.k[1], c.v[1] = prev.clone(), 0.5 * prev.clone()
     with torch.no_grad():
         want = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, cache=caches[0],
                      use_cache=True)
         got = lean_layer_forward(lean_weights(layer), h, mask, pe, caches[1])
+    assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(caches[1].k[1], caches[0].k[1]) and torch.testing.assert_close(caches[1].v[1],
-                                                                                            caches[0].v[1])
+    torch.testing.assert_close(caches[1].k[1], caches[0].k[1])
+    torch.testing.assert_close(caches[1].v[1], caches[0].v[1])
 
 
-def test_lean_decode_keeps_hooks_and_leaves_other_calls_to_the_stock_layer() -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_lean_layer_without_a_mask_attends_as_the_stock_implementation(attn: str) -> None:
+    """No mask and several rows: causal under SDPA, everything under eager (the stock attention functions)."""
+    m = make_model("llama", mode="ar", attn=attn)
+    h = torch.randn(1, 5, m.hidden)
+    pos = torch.arange(5)[None]
+    pe = m.decoder.rotary_emb(h, position_ids=pos)
+    layer = m.decoder.layers[0]
+    with torch.no_grad():
+        want = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        got = lean_layer_forward(lean_weights(layer), h, None, pe, None, attn)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_layers_keep_hooks_and_fall_back_to_the_stock_layer() -> None:
     m = make_model("llama", mode="ar", attn="sdpa")
     layer = m.decoder.layers[0]
-    assert use_lean_decode(m.decoder) == m.n_layers and use_lean_decode(m.decoder) == 0  # idempotent
+    assert use_lean_layers(m.decoder) == m.n_layers and use_lean_layers(m.decoder) == 0  # idempotent
     seen: list[int] = []
     layer.register_forward_pre_hook(lambda mod, args, kw: seen.append(int(args[0].shape[1])), with_kwargs=True)
     h = torch.randn(1, 12, m.hidden)
     pos = torch.arange(12)[None]
+    pe = m.decoder.rotary_emb(h, position_ids=pos)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return layer(x, attention_mask=None, position_embeddings=pe, position_ids=pos)
+
     with torch.no_grad():
-        layer(h, attention_mask=None, position_embeddings=m.decoder.rotary_emb(h, position_ids=pos), position_ids=pos)
-        assert lean_calls(m.decoder) == 0  # 12 rows: the stock layer
-        x = h[:, :1]
-        layer(x, attention_mask=None, position_embeddings=m.decoder.rotary_emb(x, position_ids=pos[:, :1]),
-              position_ids=pos[:, :1])
+        call(h)
         assert lean_calls(m.decoder) == 1
-    layer(x, attention_mask=None, position_embeddings=m.decoder.rotary_emb(x, position_ids=pos[:, :1]),
-          position_ids=pos[:, :1])  # with autograd on (training): the stock layer
-    assert lean_calls(m.decoder) == 1 and seen == [12, 1, 1]  # hooks ran on every path
-    assert use_lean_decode(m.decoder, enable=False) == m.n_layers and "forward" not in layer.__dict__
+        layer(h, None, position_embeddings=pe, position_ids=pos)  # positional arguments: stock
+        handle = layer.self_attn.register_forward_hook(lambda *a: None)  # attention capture: stock
+        call(h)
+        handle.remove()
+        assert lean_calls(m.decoder) == 1
+    call(h)  # autograd on (training): stock
+    assert lean_calls(m.decoder) == 1 and seen == [12, 12, 12, 12]  # the layer's own hooks ran on every path
+    assert use_lean_layers(m.decoder, enable=False) == m.n_layers and "forward" not in layer.__dict__
     gemma = make_model("gemma", mode="ar")
-    assert use_lean_decode(gemma.decoder) == 0  # (1 + w) norms, GELU: not the lean layer's math
+    assert use_lean_layers(gemma.decoder) == 0  # (1 + w) norms, GELU: not the lean layer's math
 
 
 def test_layer_kv_cache_appends() -> None:

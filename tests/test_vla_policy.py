@@ -55,26 +55,30 @@ def test_policy_act_on_dummy_env(mode: str, tmp_path: Path) -> None:
         obs = env.step(chunk.actions[0]).obs
 
 
-def test_cpu_float32_decode_is_on_for_ar_in_bf16_only(tmp_path: Path) -> None:
+def test_cpu_fast_paths_defaults_and_switches(tmp_path: Path) -> None:
+    from vla_runtime.policies.vla.lean_layers import _LeanForward
     from vla_runtime.policies.vla.modeling import SmallBatchLinear
 
     ar, par = make_ckpt(tmp_path, "ar"), make_ckpt(tmp_path, "parallel")
-    cases = [(ar, {}, True), (ar, {"dtype": "fp32"}, False), (ar, {"cpu_decode_fp32": False}, False),
-             (par, {}, False), (par, {"cpu_decode_fp32": True}, True)]
-    for ck, kw, on in cases:
+    # (checkpoint, options, lean layers, float32 decode)
+    cases = [(ar, {}, True, True), (ar, {"dtype": "fp32"}, True, False), (ar, {"cpu_decode_fp32": False}, True, False),
+             (ar, {"cpu_lean_layers": False}, False, True), (par, {}, True, False),
+             (par, {"cpu_decode_fp32": True, "cpu_lean_layers": False}, False, True)]
+    for ck, kw, lean, fp32 in cases:
         pol = load_vla_policy(ck, **kw)  # type: ignore[arg-type]
-        q = pol.model.decoder.layers[0].self_attn.q_proj
-        assert pol.cpu_decode_fp32 is on and pol.model.decode_fp32 is on, (ck.name, kw)
-        assert (type(q) is SmallBatchLinear) is on, (ck.name, kw)
-    a = load_vla_policy(ar)
-    b = load_vla_policy(ar, cpu_decode_fp32=False)
+        layer = pol.model.decoder.layers[0]
+        assert (pol.cpu_lean_layers, pol.cpu_decode_fp32, pol.model.decode_fp32) == (lean, fp32, fp32), (ck.name, kw)
+        assert isinstance(layer.__dict__.get("forward"), _LeanForward) is lean, (ck.name, kw)
+        assert (type(layer.self_attn.q_proj) is SmallBatchLinear) is fp32, (ck.name, kw)
+    fast = load_vla_policy(ar)
+    stock = load_vla_policy(ar, cpu_decode_fp32=False, cpu_lean_layers=False)
     env = DummyReachEnv(image_size=32)
     obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
-    for p in (a, b):
+    for p in (fast, stock):
         p.reset(obs.instruction)
     # float32 decoding changes rounding, not the model: the chunks stay within a bin or two of bf16 decoding
-    step = 2.0 / a.model.cfg.n_bins * 4.0  # widest action range (4) over the bins, two bins
-    assert np.abs(a.act(obs).actions - b.act(obs).actions).max() <= step
+    step = 2.0 / fast.model.cfg.n_bins * 4.0  # widest action range (4) over the bins, two bins
+    assert np.abs(fast.act(obs).actions - stock.act(obs).actions).max() <= step
 
 
 def test_policy_rejects_bad_inputs(tmp_path: Path) -> None:
@@ -215,16 +219,16 @@ def test_bench_reports_split_tokens_and_flops(mode: str, tmp_path: Path) -> None
     assert pruned["gflops_per_step"] < full["gflops_per_step"]
 
 
-def test_bench_compares_bf16_and_fp32_decode_steps(tmp_path: Path) -> None:
+def test_bench_compares_stock_and_lean_cpu_paths(tmp_path: Path) -> None:
     from vla_runtime.policies.vla.bench import bench_vla
 
     res = bench_vla(VLAConfig(mode="ar", **TINY), steps=1, warmup=0, threads=1, peak_seconds=0.05,  # type: ignore[arg-type]
-                    cpu_decode="both")
+                    cpu_paths="both")
     names = [m["name"] for m in res["methods"]]
-    assert names == ["full (bf16 decode)", "full (fp32 decode)"] and res["baseline"] == "full (bf16 decode)"
-    assert [m["cpu_decode_fp32"] for m in res["methods"]] == [False, True]
-    with pytest.raises(UserError, match="cpu_decode"):
-        bench_vla(VLAConfig(mode="ar", **TINY), steps=1, cpu_decode="fast")  # type: ignore[arg-type]
+    assert names == ["full (stock)", "full (lean)"] and res["baseline"] == "full (stock)"
+    assert [(m["cpu_lean_layers"], m["cpu_decode_fp32"]) for m in res["methods"]] == [(False, False), (True, True)]
+    with pytest.raises(UserError, match="cpu_paths"):
+        bench_vla(VLAConfig(mode="ar", **TINY), steps=1, cpu_paths="fast")  # type: ignore[arg-type]
 
 
 def test_train_init_from_parallel_starts_ar_from_its_trunk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -121,19 +121,19 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
 def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int = 20, out_dir: str | Path | None = None,
               device: str = "cpu", dtype: str = "bf16", threads: int | None = 1, accel: Sequence[str] = (),
               keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0,
-              peak_seconds: float = 1.0, graphs: str = "auto", cpu_decode: str = "auto") -> dict[str, Any]:
+              peak_seconds: float = 1.0, graphs: str = "auto", cpu_paths: str = "auto") -> dict[str, Any]:
     """Benchmark a checkpoint ("vla:<name>", a name or a directory) or a config with random weights (None: the
     default config). Writes out_dir/bench.json when out_dir is set; `format_table(result)` prints it.
 
     graphs (CUDA only): "auto" = the policy default (CUDA graphs on), "off", or "both": every variant runs eagerly
     and then from CUDA graphs, named "<variant> (eager)" / "<variant> (graphs)"; the first is the baseline.
-    cpu_decode (CPU, AR): "auto" = the policy default (float32 decode steps after a bf16 prefill), "bf16", "fp32",
-    or "both": every variant runs with bf16 and then float32 decode steps, "<variant> (bf16 decode)" / "(fp32
-    decode)"."""
+    cpu_paths (CPU): "auto" = the policy defaults (lean fused layers; AR: float32 decode steps after a bf16
+    prefill), "stock" = both off, or "both": every variant runs with the stock layers and then with the fast
+    paths, "<variant> (stock)" / "<variant> (lean)"."""
     if graphs not in ("auto", "off", "both"):
         raise UserError(f"graphs must be auto, off or both, got {graphs!r}")
-    if cpu_decode not in ("auto", "bf16", "fp32", "both"):
-        raise UserError(f"cpu_decode must be auto, bf16, fp32 or both, got {cpu_decode!r}")
+    if cpu_paths not in ("auto", "stock", "both"):
+        raise UserError(f"cpu_paths must be auto, stock or both, got {cpu_paths!r}")
     if source is None:  # the default architecture with random weights
         source = VLAConfig()
     if isinstance(source, str) and source.startswith("vla:"):
@@ -165,22 +165,22 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
         pol.model.layer_graphs = None  # FLOPs are counted per dispatched op: a graph replay dispatches none
         gfl = forward_gflops(pol, obs0)
         both = graphs == "both" and lg is not None
-        decode_default = pol.cpu_decode_fp32
-        decodes = {"auto": (decode_default,), "bf16": (False,), "fp32": (True,), "both": (False, True)}[cpu_decode]
+        default = (pol.cpu_lean_layers, pol.cpu_decode_fp32)
+        paths = {"auto": (default,), "stock": ((False, False),), "both": ((False, False), default)}[cpu_paths]
         for g in ((None, lg) if both else (lg,)):
-            for fp32 in decodes:
-                pol.set_cpu_decode_fp32(fp32)
+            for lean, fp32 in paths:
+                pol.set_cpu_paths(lean_layers=lean, decode_fp32=fp32)
                 pol.model.layer_graphs = g
                 label = f"{name} ({'graphs' if g is not None else 'eager'})" if both else name
-                if cpu_decode == "both":
-                    label += f" ({'fp32' if fp32 else 'bf16'} decode)"
+                if cpu_paths == "both":
+                    label += f" ({'lean' if lean or fp32 else 'stock'})"
                 m = {"name": label, **_run(pol, steps, warmup, seed), "gflops_per_step": round(gfl, 3),
-                     "cuda_graphs": g is not None, "cpu_decode_fp32": fp32}
+                     "cuda_graphs": g is not None, "cpu_lean_layers": lean, "cpu_decode_fp32": fp32}
                 m["achieved_gflops_per_s"] = round(gfl / (m["total_ms_p50"] / 1e3), 2)
                 m["fraction_of_peak"] = round(m["achieved_gflops_per_s"] / peak, 3)
                 m["success_pct"], m["success_ci95"] = None, None
                 methods.append(m)
-        pol.set_cpu_decode_fp32(decode_default)
+        pol.set_cpu_paths(*default)
         pol.model.layer_graphs = lg
         pol.pruner = saved
     if base.model.layer_graphs is not None:
@@ -237,15 +237,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--drop-layer", type=int, default=1)
     p.add_argument("--graphs", default="auto", choices=["auto", "off", "both"],
                    help="CUDA graphs for the decoder layers (CUDA only): policy default, off, or both side by side")
-    p.add_argument("--cpu-decode", default="auto", choices=["auto", "bf16", "fp32", "both"],
-                   help="AR decode steps on the CPU: policy default (fp32 after a bf16 prefill), bf16, fp32, or both")
+    p.add_argument("--cpu-paths", default="auto", choices=["auto", "stock", "both"],
+                   help="CPU fast paths (lean fused layers; AR: float32 decode steps): policy default, off, or both")
     a = p.parse_args(argv)
     src: Any = a.source
     if a.source.lstrip().startswith("{"):
         src = json.loads(a.source)
     res = bench_vla(src, steps=a.steps, out_dir=a.out, device=a.device, dtype=a.dtype, threads=a.threads,
                     accel=[s for s in a.accel.split(",") if s], keep=[float(s) for s in a.keep.split(",") if s],
-                    drop_layer=a.drop_layer, graphs=a.graphs, cpu_decode=a.cpu_decode)
+                    drop_layer=a.drop_layer, graphs=a.graphs, cpu_paths=a.cpu_paths)
     print(format_table(res))
 
 

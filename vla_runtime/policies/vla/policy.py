@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
-from vla_runtime.policies.vla.lean_decode import use_lean_decode
+from vla_runtime.policies.vla.lean_layers import use_lean_layers
 from vla_runtime.policies.vla.modeling import (ExitPolicy, StepContext, TokenPruner, VLAModel, count_params,
                                               use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
@@ -122,18 +122,22 @@ class VLAPolicy:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                  pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None, name: str = "vla",
                  accel: tuple[str, ...] = (), cuda_graphs: bool | None = None,
-                 cpu_decode_fp32: bool | None = None) -> None:
+                 cpu_decode_fp32: bool | None = None, cpu_lean_layers: bool | None = None) -> None:
         """cuda_graphs: replay decoder layers from CUDA graphs (see cuda_graphs.py); None = on for CUDA devices.
-        cpu_decode_fp32: on the CPU with bf16/fp16 weights, run the decoder's and head's few-row linears (AR
-        decoding) in float32 (`SmallBatchLinear`); None = on for AR models up to 200M decoder parameters."""
+        cpu_lean_layers: on the CPU, Llama / Qwen2 layers run a lean fused forward at inference (lean_layers.py,
+        same results); cpu_decode_fp32: on the CPU with bf16/fp16 weights, AR decode steps run in float32 after
+        the bf16 prefill (faster for one row). None = on for models up to 200M decoder parameters (AR only for
+        the second)."""
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
+        small_cpu = self.device.type == "cpu" and count_params(self.model.decoder) <= 200_000_000
+        if cpu_lean_layers is None:
+            cpu_lean_layers = small_cpu
         if cpu_decode_fp32 is None:
-            cpu_decode_fp32 = (model.cfg.mode == "ar" and self.device.type == "cpu" and dtype != torch.float32
-                               and count_params(self.model.decoder) <= 200_000_000)
-        self.set_cpu_decode_fp32(bool(cpu_decode_fp32))
+            cpu_decode_fp32 = small_cpu and model.cfg.mode == "ar" and dtype != torch.float32
+        self.set_cpu_paths(lean_layers=bool(cpu_lean_layers), decode_fp32=bool(cpu_decode_fp32))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type == "cuda":
@@ -168,14 +172,18 @@ class VLAPolicy:
         v[0, :len(ids)] = True
         return t.to(self.device), v.to(self.device)
 
-    def set_cpu_decode_fp32(self, on: bool) -> None:
-        """Float32 AR decode steps after a bf16 prefill on the CPU (see SmallBatchLinear); a model is shared by
-        the policies forked from it, so this sets it for all of them."""
-        self.cpu_decode_fp32 = bool(on)
-        self.model.decode_fp32 = self.cpu_decode_fp32
-        for part in (self.model.decoder, self.model.head):
-            use_fp32_small_batch(part, self.cpu_decode_fp32)
-        use_lean_decode(self.model.decoder, self.cpu_decode_fp32)  # fused float32 decode-step layers (Llama, Qwen2)
+    def set_cpu_paths(self, lean_layers: bool | None = None, decode_fp32: bool | None = None) -> None:
+        """Switch the CPU fast paths (None: leave as is): lean fused layers, float32 AR decode steps (see
+        lean_layers.py, SmallBatchLinear). A model is shared by the policies forked from it: this sets it for
+        all of them."""
+        if lean_layers is not None:
+            self.cpu_lean_layers = bool(lean_layers)
+            use_lean_layers(self.model.decoder, self.cpu_lean_layers)
+        if decode_fp32 is not None:
+            self.cpu_decode_fp32 = bool(decode_fp32)
+            self.model.decode_fp32 = self.cpu_decode_fp32
+            for part in (self.model.decoder, self.model.head):
+                use_fp32_small_batch(part, self.cpu_decode_fp32)
 
     def reset(self, instruction: str) -> None:
         self.memory = {}
@@ -335,7 +343,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
     if tdtype is None:
         raise UserError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs", "cpu_decode_fp32"})
+    unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs", "cpu_decode_fp32", "cpu_lean_layers"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
     load_accelerations()
@@ -357,4 +365,4 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     pruner, exit_policy = build_strategies(model, tuple(accel), accel_options)
     return VLAPolicy(model, tok, stats, device=dev, dtype=tdtype, pruner=pruner, exit_policy=exit_policy,
                      name=f"vla:{d.name}", accel=tuple(accel), cuda_graphs=kw.get("cuda_graphs"),
-                     cpu_decode_fp32=kw.get("cpu_decode_fp32"))
+                     cpu_decode_fp32=kw.get("cpu_decode_fp32"), cpu_lean_layers=kw.get("cpu_lean_layers"))

@@ -1,0 +1,185 @@
+"""Lean inference forwards for stock Llama / Qwen2 decoder layers on the CPU.
+
+A small decoder on a CPU is bound by per-op overhead, not arithmetic: one stock `LlamaDecoderLayer` call is ~30
+torch ops and a dozen Python module calls (the attention-interface lookup, hub-kernel wrappers, the deprecation
+wrapper, repeat_kv, RMSNorm's casts), and a bf16 linear has a fixed cost of ~25-30 us on this CPU whatever its
+rows. This module computes the same layer with the same weights in ~15 ops: q/k/v in one matmul and gate/up in
+another (fused copies of the layer's weights, made once), rotary and RMSNorm inline, grouped-query SDPA without
+repeat_kv. Two weight sets, each made on first use:
+  * the layer's own dtype (bf16 on the CPU): prefill and parallel-decoding forwards, same result as the stock
+    layer (SDPA and the fused matmuls give the same values; tested);
+  * float32 copies: AR decode steps, whose rows are float32 after a bf16 prefill (`VLAModel.decode_fp32`).
+
+It replaces only the layer's `forward` (an instance attribute, see `use_lean_layers`), so `layer(...)` still runs
+the layer's own hooks (the early-exit lazy KV fill adds its pending rows in a forward pre-hook). It falls back to
+the stock forward for anything else: autograd on (training), CUDA, hooks on the layer's submodules (attention
+capture for pruners hooks `self_attn`), positional arguments, or another input dtype.
+Tests: `tests/test_vla_model.py` (lean layer = stock layer, fallbacks, AR decode with and without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+LEAN_FAMILIES = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+
+
+@dataclass
+class LeanWeights:
+    wqkv: torch.Tensor  # (H*hd + 2*Hkv*hd, D) in the dtype the forward runs in
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    wgu: torch.Tensor  # (2*I, D): gate rows then up rows
+    wdown: torch.Tensor
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps1: float
+    eps2: float
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scaling: float
+    layer_idx: int
+    is_causal: bool = True  # the attention module's flag (stock SDPA: no mask and several rows means causal)
+
+
+def lean_supported(layer: nn.Module) -> bool:
+    """Llama / Qwen2 layers with SiLU gated MLPs, full attention, bias-free o_proj and MLP."""
+    if type(layer).__name__ not in LEAN_FAMILIES:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or getattr(attn, "sliding_window", None):
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return False
+    if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    return all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm))
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def lean_weights(layer: nn.Module, dtype: torch.dtype | None = None) -> LeanWeights:
+    """The layer's weights fused for the lean forward, in `dtype` (default: the layer's own)."""
+    a, m = layer.self_attn, layer.mlp
+    q, k, v = a.q_proj, a.k_proj, a.v_proj
+    dt = dtype or q.weight.dtype
+
+    def c(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(dt).contiguous()
+
+    biases = [p.bias for p in (q, k, v)]
+    bqkv = None if all(b is None for b in biases) else c(torch.cat(
+        [(b if b is not None else torch.zeros(p.out_features, device=p.weight.device, dtype=p.weight.dtype))
+         for b, p in zip(biases, (q, k, v))]))
+    hd = int(a.head_dim)
+    wqkv, wo = c(torch.cat([q.weight, k.weight, v.weight], 0)), c(a.o_proj.weight)
+    wgu, wdown = c(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)), c(m.down_proj.weight)
+    ln1, ln2 = c(layer.input_layernorm.weight), c(layer.post_attention_layernorm.weight)
+    assert wqkv is not None and wo is not None and wgu is not None and wdown is not None
+    assert ln1 is not None and ln2 is not None
+    return LeanWeights(wqkv=wqkv, bqkv=bqkv, wo=wo, bo=c(a.o_proj.bias), wgu=wgu, wdown=wdown, ln1=ln1, ln2=ln2,
+                       eps1=float(layer.input_layernorm.variance_epsilon),
+                       eps2=float(layer.post_attention_layernorm.variance_epsilon),
+                       n_heads=q.out_features // hd, n_kv=k.out_features // hd, head_dim=hd,
+                       scaling=float(a.scaling), layer_idx=int(a.layer_idx),
+                       is_causal=bool(getattr(a, "is_causal", True)))
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the stock layer: statistics in float32, back to the input dtype, then the weight."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any,
+                       attn_implementation: str = "sdpa") -> torch.Tensor:
+    """One decoder layer on rows h (B, Q, D) in lw's dtype, the stock layer's math. Without a mask, several rows
+    attend causally under SDPA and to everything under eager, as the stock attention functions do."""
+    B, Q, _ = h.shape
+    H, Hkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
+    x = _rms(h, lw.ln1, lw.eps1)
+    qkv = nn.functional.linear(x, lw.wqkv, lw.bqkv)
+    q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), -1)
+    q = q.view(B, Q, H, hd).transpose(1, 2)
+    k = k.view(B, Q, Hkv, hd).transpose(1, 2)
+    v = v.view(B, Q, Hkv, hd).transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1).to(h.dtype), sin.unsqueeze(1).to(h.dtype)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    if cache is not None:
+        k, v = cache.update(k, v, lw.layer_idx)
+    causal = Q > 1 and attention_mask is None and lw.is_causal and attn_implementation != "eager"
+    o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=lw.scaling,
+                                                   is_causal=causal, enable_gqa=H != Hkv)
+    h = h + nn.functional.linear(o.transpose(1, 2).reshape(B, Q, H * hd), lw.wo, lw.bo)
+    g, u = nn.functional.linear(_rms(h, lw.ln2, lw.eps2), lw.wgu).chunk(2, -1)
+    return h + nn.functional.linear(nn.functional.silu(g) * u, lw.wdown)
+
+
+class _LeanForward:
+    """The instance-level forward installed on a layer: lean for CPU inference calls, stock otherwise."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.stock = type(layer).forward
+        self.weights: dict[torch.dtype, LeanWeights] = {}
+        self.calls = 0
+        self.subs = [m for m in layer.modules() if m is not layer]
+
+    def _hooked(self) -> bool:
+        from torch.nn.modules import module as M
+
+        return bool(M._global_forward_hooks or M._global_forward_pre_hooks
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in self.subs))
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        h = hidden_states
+        own = self.layer.input_layernorm.weight.dtype
+        if (args or h.device.type != "cpu" or h.dim() != 3 or h.dtype not in (torch.float32, own)
+                or kw.get("position_embeddings") is None or torch.is_grad_enabled() or self._hooked()):
+            return self.stock(self.layer, hidden_states, *args, **kw)
+        lw = self.weights.get(h.dtype)
+        if lw is None:
+            lw = self.weights[h.dtype] = lean_weights(self.layer, h.dtype)
+        cache = kw.get("cache", kw.get("past_key_values"))
+        impl = self.layer.self_attn.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            return self.stock(self.layer, hidden_states, *args, **kw)
+        self.calls += 1
+        return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl)
+
+
+def use_lean_layers(decoder: nn.Module, enable: bool = True) -> int:
+    """Install (or remove) the lean forward on every supported layer of decoder; returns how many changed."""
+    n = 0
+    for layer in getattr(decoder, "layers", []):
+        has = isinstance(layer.__dict__.get("forward"), _LeanForward)
+        if enable and not has and lean_supported(layer):
+            layer.forward = _LeanForward(layer)
+            n += 1
+        elif not enable and has:
+            del layer.forward
+            n += 1
+    return n
+
+
+def lean_calls(decoder: nn.Module) -> int:
+    """How many layer calls took the lean path so far (tests, benches)."""
+    return sum(f.calls for f in (layer.__dict__.get("forward") for layer in getattr(decoder, "layers", []))
+               if isinstance(f, _LeanForward))
