@@ -462,3 +462,33 @@ def test_row_scores_equal_eager_attention_scores() -> None:
             torch.testing.assert_close(imp_f[l], imp_s[l], rtol=1e-4, atol=1e-6)
         assert kept_after_static(rec_f, 1) == kept_after_static(rec_s, 1)
         assert visual_ids(cf) == visual_ids(cs)
+
+
+def test_lean_layers_run_the_row_hooks_and_keep_the_same_tokens() -> None:
+    """With the CPU lean layers installed, SpecPrune's row-importance pre-hooks still run (inside the lean
+    forward) and the kept sets, importances and actions equal the stock layers'."""
+    from vla_runtime.policies.vla.lean_layers import lean_calls, use_lean_layers
+
+    model, tok = tiny_model()
+    model.decoder.config._attn_implementation = "sdpa"
+    runs = []
+    for lean in (False, True):
+        use_lean_layers(model.decoder, lean)
+        pruner = make_pruner(model, "specprune", budget_coarse=0.25)
+        assert pruner.attention_layers == frozenset()  # row hooks, no capture
+        mem: dict[str, Any] = {}
+        out = []
+        for s in range(2):
+            rec = Recorder(pruner)
+            with torch.no_grad():
+                a, c = step(model, rec, inputs(model, tok, seed=s), mem, 4 * s)
+            out.append((a, visual_ids(c), kept_after_static(rec, 1), c.extra[MEM_KEY]["imp"]))
+        runs.append(out)
+        for h in pruner._hooks:  # the next run's pruner installs its own row hooks
+            h.remove()
+    assert lean_calls(model.decoder) == 2 * model.n_layers
+    for (a0, v0, k0, i0), (a1, v1, k1, i1) in zip(*runs):
+        torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-6)
+        assert v0 == v1 and k0 == k1 and set(i0) == set(i1) == {0, 3}
+        for layer in i0:
+            torch.testing.assert_close(i1[layer], i0[layer], rtol=1e-5, atol=1e-7)

@@ -20,7 +20,7 @@ Tests: `tests/test_vla_model.py` (lean layer = stock layer, fallbacks, AR decode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -107,12 +107,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any,
-                       attn_implementation: str = "sdpa") -> torch.Tensor:
+                       attn_implementation: str = "sdpa", attn_input: Callable[..., Any] | None = None
+                       ) -> torch.Tensor:
     """One decoder layer on rows h (B, Q, D) in lw's dtype, the stock layer's math. Without a mask, several rows
-    attend causally under SDPA and to everything under eager, as the stock attention functions do."""
+    attend causally under SDPA and to everything under eager, as the stock attention functions do.
+    attn_input(x, position_embeddings, attention_mask) sees the attention's input (the normed rows) first, as a
+    forward pre-hook on `self_attn` would, and returns them (possibly changed)."""
     B, Q, _ = h.shape
     H, Hkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
     x = _rms(h, lw.ln1, lw.eps1)
+    if attn_input is not None:
+        x, position_embeddings, attention_mask = attn_input(x, position_embeddings, attention_mask)
     qkv = nn.functional.linear(x, lw.wqkv, lw.bqkv)
     q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), -1)
     q = q.view(B, Q, H, hd).transpose(1, 2)
@@ -143,10 +148,27 @@ class _LeanForward:
         self.subs = [m for m in layer.modules() if m is not layer]
 
     def _hooked(self) -> bool:
+        """Hooks the lean path cannot honour: global ones, forward hooks on any submodule, pre-hooks on
+        submodules other than `self_attn`, and `self_attn` pre-hooks that do not take kwargs."""
         from torch.nn.modules import module as M
 
-        return bool(M._global_forward_hooks or M._global_forward_pre_hooks
-                    or any(m._forward_hooks or m._forward_pre_hooks for m in self.subs))
+        if M._global_forward_hooks or M._global_forward_pre_hooks:
+            return True
+        attn = self.layer.self_attn
+        for m in self.subs:
+            if m._forward_hooks or (m._forward_pre_hooks and m is not attn):
+                return True
+        return any(k not in attn._forward_pre_hooks_with_kwargs for k in attn._forward_pre_hooks)
+
+    def _attn_pre_hooks(self, x: torch.Tensor, pe: Any, mask: torch.Tensor | None) -> tuple[Any, Any, Any]:
+        """Run `self_attn`'s forward pre-hooks (e.g. SpecPrune's row-importance hook) on the attention input."""
+        attn = self.layer.self_attn
+        kwargs: dict[str, Any] = {"hidden_states": x, "position_embeddings": pe, "attention_mask": mask}
+        for hook in list(attn._forward_pre_hooks.values()):
+            res = hook(attn, (), kwargs)
+            if res is not None:
+                _, kwargs = res
+        return kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["attention_mask"]
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         h = hidden_states
@@ -154,15 +176,16 @@ class _LeanForward:
         if (args or h.device.type != "cpu" or h.dim() != 3 or h.dtype not in (torch.float32, own)
                 or kw.get("position_embeddings") is None or torch.is_grad_enabled() or self._hooked()):
             return self.stock(self.layer, hidden_states, *args, **kw)
+        impl = self.layer.self_attn.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            return self.stock(self.layer, hidden_states, *args, **kw)
         lw = self.weights.get(h.dtype)
         if lw is None:
             lw = self.weights[h.dtype] = lean_weights(self.layer, h.dtype)
         cache = kw.get("cache", kw.get("past_key_values"))
-        impl = self.layer.self_attn.config._attn_implementation
-        if impl not in ("sdpa", "eager"):
-            return self.stock(self.layer, hidden_states, *args, **kw)
         self.calls += 1
-        return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl)
+        pre = self._attn_pre_hooks if self.layer.self_attn._forward_pre_hooks else None
+        return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl, pre)
 
 
 def use_lean_layers(decoder: nn.Module, enable: bool = True) -> int:
