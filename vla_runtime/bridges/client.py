@@ -161,7 +161,15 @@ class BridgeClient:
                     raise BridgeTimeout(f"handshake with {self.address} failed after {self.handshake_timeout_s:.1f} s: "
                                         f"{last}{hint}")
                 t0 = time.monotonic()
-                seq = self._send("hello", {"protocol": P.PROTOCOL_VERSION, "client": self.name})
+                try:
+                    seq = self._send("hello", {"protocol": P.PROTOCOL_VERSION, "client": self.name})
+                except BridgeError as e:  # no link yet: still connecting, or a CURVE refusal the monitor reports
+                    if e.code != "closed" or self._sock is None:
+                        raise
+                    self._read_link_events()  # raises 'auth' once the refusal event is in
+                    last = "not connected yet"
+                    time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+                    continue
                 try:
                     reply = self._wait_reply(seq, min(1.0, remaining), expect=("spec",))
                 except BridgeTimeout:
