@@ -350,6 +350,12 @@ def test_lean_layers_keep_hooks_and_fall_back_to_the_stock_layer() -> None:
         assert lean_calls(m.decoder) == 1
     call(h)  # autograd on (training): stock
     assert lean_calls(m.decoder) == 1 and seen == [12, 12, 12, 12]  # the layer's own hooks ran on every path
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(0.5)  # changed in place: the fused copies are remade
+        got = call(h)
+        use_lean_layers(m.decoder, enable=False)
+        torch.testing.assert_close(got, call(h), rtol=1e-5, atol=1e-6)
+        use_lean_layers(m.decoder)
     assert use_lean_layers(m.decoder, enable=False) == m.n_layers and "forward" not in layer.__dict__
     gemma = make_model("gemma", mode="ar")
     assert use_lean_layers(gemma.decoder) == 0  # (1 + w) norms, GELU: not the lean layer's math

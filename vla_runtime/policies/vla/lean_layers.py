@@ -146,6 +146,11 @@ class _LeanForward:
         self.weights: dict[torch.dtype, LeanWeights] = {}
         self.calls = 0
         self.subs = [m for m in layer.modules() if m is not layer]
+        self.params = list(layer.parameters())
+        self._key: tuple[tuple[int, int], ...] = ()
+
+    def _weights_key(self) -> tuple[tuple[int, int], ...]:
+        return tuple((p.data_ptr(), p._version) for p in self.params)
 
     def _hooked(self) -> bool:
         """Hooks the lean path cannot honour: global ones, forward hooks on any submodule, pre-hooks on
@@ -179,6 +184,9 @@ class _LeanForward:
         impl = self.layer.self_attn.config._attn_implementation
         if impl not in ("sdpa", "eager"):
             return self.stock(self.layer, hidden_states, *args, **kw)
+        key = self._weights_key()
+        if key != self._key:  # weights replaced or changed in place since the fused copies were made
+            self.weights, self._key = {}, key
         lw = self.weights.get(h.dtype)
         if lw is None:
             lw = self.weights[h.dtype] = lean_weights(self.layer, h.dtype)
