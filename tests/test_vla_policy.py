@@ -231,6 +231,18 @@ def test_bench_compares_stock_and_lean_cpu_paths(tmp_path: Path) -> None:
         bench_vla(VLAConfig(mode="ar", **TINY), steps=1, cpu_paths="fast")  # type: ignore[arg-type]
 
 
+def test_cli_bench_vla_prints_the_table_with_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vla_runtime.cli import main
+
+    ck = make_ckpt(tmp_path, "ar")
+    assert main(["bench", "vla", "--policy", str(ck), "--steps", "1", "--out", str(tmp_path / "b"),
+                 "--cpu-paths", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "VLA bench (ar" in out and "full (stock)" in out and "full (lean)" in out
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [m["name"] for m in saved["methods"]] == ["full (stock)", "full (lean)"]
+
+
 def test_train_init_from_parallel_starts_ar_from_its_trunk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """--init-from copies every weight that fits (an AR run from a parallel run: all but the action head and the
     action-slot embeddings), keeps the source's tokenizer and normalisation, lets --config change the chunk, and

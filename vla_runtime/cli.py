@@ -297,6 +297,7 @@ def bench(
     n_action_steps: int | None = None,
     arms: str = "",
     hold_at: int = 32,
+    cpu_paths: Literal["auto", "stock", "both"] = "auto",
 ) -> None:
     """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
 
@@ -316,13 +317,18 @@ def bench(
             (default step2,step2-no-perturb,ddim10). `bench earlyexit`: subset of full, earlyexit, specprune,
             specprune+earlyexit (full always runs).
         hold_at: `bench stall`: the robot is paused for one chunk at the first inference at or after this step.
+        cpu_paths: `bench vla`: the CPU fast paths (lean layers, float32 AR decode steps): the policy default,
+            stock (off), or both side by side.
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
                     threads=threads, sampler=sampler or None, n_action_steps=n_action_steps,
-                    arms=[a.strip() for a in arms.split(",") if a.strip()] or None, hold_at=hold_at)
-    if out is None and name not in ("step", "stall", "specprune", "earlyexit", "async"):  # those print a table
+                    arms=[a.strip() for a in arms.split(",") if a.strip()] or None, hold_at=hold_at,
+                    cpu_paths=cpu_paths)
+    if isinstance(res.get("table"), str):
+        print(res["table"])
+    elif out is None and name not in ("step", "stall", "specprune", "earlyexit", "async"):  # those print a table
         print(json.dumps(res, indent=1, default=str)[:4000])
 
 

@@ -227,7 +227,7 @@ def bench_render(env_name: str, steps: int, out: Path | None) -> dict[str, Any]:
 def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, seed: int = 0,
               out: Path | None = None, steps: int = 200, threads: int | None = None,
               sampler: str | None = None, n_action_steps: int | None = None,
-              arms: Sequence[str] | None = None, hold_at: int = 32) -> dict[str, Any]:
+              arms: Sequence[str] | None = None, hold_at: int = 32, cpu_paths: str = "auto") -> dict[str, Any]:
     if threads:
         import torch
 
@@ -251,7 +251,7 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
     if name == "vla":
         from vla_runtime.policies.vla.bench import bench_vla
 
-        return bench_vla(policy or None, steps=steps, out_dir=out)
+        return bench_vla(policy or None, steps=steps, out_dir=out, cpu_paths=cpu_paths)
     if name == "specprune":
         from vla_runtime.policies.vla.specprune import bench_specprune
 
