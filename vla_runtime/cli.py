@@ -230,10 +230,6 @@ def train(
             raise UserError("--checkpoint is required for exit-predictors")
         from vla_runtime.policies.vla.early_exit import train_exit_predictors
 
-        if target_precision is not None and not 0.5 <= target_precision <= 1.0:
-            raise UserError(f"--target-precision must be in [0.5, 1], got {target_precision}")
-        if max_chunks < 8:
-            raise UserError(f"--max-chunks must be >= 8, got {max_chunks}")
         train_exit_predictors(checkpoint, dirs, out, device=device, target_precision=target_precision,
                               max_chunks=max_chunks)
 

@@ -337,6 +337,10 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     from vla_runtime.policies import resolve_checkpoint
     from vla_runtime.policies.vla.policy import load_vla_policy
 
+    if target_precision is not None and not 0.5 <= target_precision <= 1.0:
+        raise UserError(f"target precision must be in [0.5, 1], got {target_precision}")
+    if max_chunks < 8:
+        raise UserError(f"max_chunks must be >= 8, got {max_chunks}")
     t0 = time.perf_counter()
     ck = resolve_checkpoint(checkpoint)
     if "earlyexit" in accel:

@@ -63,10 +63,6 @@ def lean_supported(layer: nn.Module) -> bool:
     return all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm))
 
 
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().float().contiguous()
-
-
 def lean_weights(layer: nn.Module, dtype: torch.dtype | None = None) -> LeanWeights:
     """The layer's weights fused for the lean forward, in `dtype` (default: the layer's own)."""
     a, m = layer.self_attn, layer.mlp

@@ -617,7 +617,7 @@ class VLAModel(nn.Module):
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx,
                                        cache=cache, bidirectional_suffix=False)
         if self.decode_fp32 and out.dtype != torch.float32 and out.device.type == "cpu":
-            cache.to_dtype(torch.float32)  # batch-1 decoding is faster in float32 on the CPU (SmallBatchLinear)
+            cache.to_dtype(torch.float32)  # batch-1 decoding is faster in float32 on the CPU (lean_layers.py)
             out = out.float()
         prefill_tokens = list(ctx.tokens_per_layer)
         exits = [ctx.exit_layer]
