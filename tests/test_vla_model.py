@@ -12,7 +12,7 @@ from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
 from vla_runtime.policies.vla.lean_layers import (lean_calls, lean_layer_forward, lean_supported, lean_weights,
-                                                  use_lean_layers)
+                                                  mkldnn_packing_available, use_lean_layers)
 from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, SmallBatchLinear,
                                                StepContext, VLAModel, build_attention_mask, use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import WordTokenizer, normalize
@@ -311,6 +311,24 @@ def test_lean_layer_equals_the_stock_layer(family: str, rows: int, dtype: torch.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(caches[1].k[1], caches[0].k[1])
     torch.testing.assert_close(caches[1].v[1], caches[0].v[1])
+
+
+@pytest.mark.skipif(not mkldnn_packing_available(), reason="no oneDNN bf16 on this CPU")
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_prepacked_bf16_lean_layer_equals_the_stock_layer(rows: int) -> None:
+    """oneDNN-prepacked bf16 weights (the CPU default) give the stock layer's values for any row count."""
+    m = make_model("llama", mode="ar", attn="sdpa").to(torch.bfloat16)
+    layer = m.decoder.layers[1]
+    h = torch.randn(1, rows, m.hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    pos = torch.arange(rows)[None]
+    pe = m.decoder.rotary_emb(h, position_ids=pos)
+    packed, plain = lean_weights(layer), lean_weights(layer, pack=False)
+    assert packed.packed and not plain.packed and lean_weights(layer, torch.float32).packed is False
+    with torch.no_grad():
+        want = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+        got = lean_layer_forward(packed, h, None, pe, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, lean_layer_forward(plain, h, None, pe, None), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

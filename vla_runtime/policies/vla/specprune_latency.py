@@ -129,8 +129,8 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
     chunk against the first variant's (no pruning) on the same frame: how much the token selection changes
     what the model would do (0 for a lossless selection).
     """
-    res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "vision": [], "decoder": [], "vis_tok": [], "l1": [],
-                                                    "fine": [], "pruner": []} for k in policies}
+    res: dict[str, dict[str, list[float]]] = {k: {"ms": [], "cpu": [], "vision": [], "decoder": [], "vis_tok": [],
+                                                    "l1": [], "fine": [], "pruner": []} for k in policies}
     hook_s: dict[str, list[float]] = {k: [0.0] for k in policies}
     for label, p in policies.items():
         p.reset(frames[0].instruction)
@@ -150,9 +150,10 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
         ref = None
         for label, p in policies.items():
             h0 = hook_s[label][0]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ch = p.act(obs)
             ms = (time.perf_counter() - t0) * 1e3
+            cpu = (time.process_time() - c0) * 1e3
             if ref is None:
                 ref = ch.actions
             if actions is not None:
@@ -162,17 +163,20 @@ def measure(policies: dict[str, Any], frames: list[Observation], warmup: int = 3
                 continue
             r = res[label]
             r["ms"].append(ms)
+            r["cpu"].append(cpu)
             r["vision"].append(ch.info.get("vision_ms", 0.0))
             r["decoder"].append(ch.info.get("decoder_ms", 0.0))
             r["vis_tok"].append(ch.info.get("mean_visual_tokens", float("nan")))
             r["l1"].append(float(np.abs(ch.actions - ref).mean()))
             r["fine"].append(float(ch.info.get("prune_fine", 0)))
             r["pruner"].append((hook_s[label][0] - h0) * 1e3)
-    base = float(np.median(res[next(iter(policies))]["ms"]))
+    first = res[next(iter(policies))]
+    base, base_cpu = float(np.median(first["ms"])), float(np.median(first["cpu"]))
     out = {}
     for label, r in res.items():
-        p50 = float(np.median(r["ms"]))
+        p50, cpu50 = float(np.median(r["ms"])), float(np.median(r["cpu"]))
         out[label] = {"p50_ms": round(p50, 2), "p95_ms": round(float(np.percentile(r["ms"], 95)), 2),
+                      "cpu_ms_p50": round(cpu50, 2), "cpu_ratio": round(base_cpu / cpu50, 3),
                       "vision_ms_p50": round(float(np.median(r["vision"])), 2),
                       "decoder_ms_p50": round(float(np.median(r["decoder"])), 2),
                       "visual_tokens_per_layer": round(float(np.mean(r["vis_tok"])), 1),
@@ -229,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['policy']}: {cfg.n_visual} visual tokens, {cfg.layers}x{cfg.hidden} decoder, "
           f"{len(frames)} frames, {a.threads} thread(s)")
     print(f"{'variant':22s} {'p50 ms':>8s} {'p95 ms':>8s} {'vision':>7s} {'decoder':>8s} {'vis/layer':>9s} "
-          f"{'ratio':>6s} {'pruner':>6s} {'|da|':>7s} {'fine':>5s}")
+          f"{'ratio':>6s} {'cpu ms':>7s} {'cpu x':>6s} {'pruner':>6s} {'|da|':>7s} {'fine':>5s}")
     for k, r in res.items():
         print(f"{k:22s} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['vision_ms_p50']:7.1f} {r['decoder_ms_p50']:8.1f} "
-              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x {r['pruner_ms_p50']:6.1f} {r['action_l1']:7.4f} "
+              f"{r['visual_tokens_per_layer']:9.1f} {r['ratio']:5.2f}x {r['cpu_ms_p50']:7.1f} {r['cpu_ratio']:5.2f}x "
+              f"{r['pruner_ms_p50']:6.1f} {r['action_l1']:7.4f} "
               f"{r['fine_frac']:5.2f}")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
