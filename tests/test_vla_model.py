@@ -13,7 +13,7 @@ from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
 from vla_runtime.policies.vla.lean_layers import (lean_calls, lean_layer_forward, lean_supported, lean_weights,
                                                   mkldnn_packing_available, use_lean_layers)
-from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, SmallBatchLinear,
+from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, LayerKVCache, NoExit, SmallBatchLinear,
                                                StepContext, VLAModel, build_attention_mask, use_fp32_small_batch)
 from vla_runtime.policies.vla.tokenizer import WordTokenizer, normalize
 
@@ -399,6 +399,45 @@ def test_forward_train_loss_and_grads(mode: str) -> None:
     if mode == "ar":
         assert 0.0 <= metrics["token_acc"] <= 1.0
         assert float(loss.detach()) == pytest.approx(torch.log(torch.tensor(256.0)).item(), rel=0.2)
+
+
+def test_early_exit_loss_is_the_shallow_layers_token_ce() -> None:
+    """loss = CE(final) + w * mean_l CE(head(norm(h_l))), with h_l the action rows after layer l computed here by
+    running the first l + 1 layers by hand; a layer's CE reaches its parameters only through the exit loss."""
+    m = make_model("llama", mode="ar", attn="sdpa").train()
+    b = batch(m.cfg)
+    base, mb = m.forward_train(**b)
+    loss, me = m.forward_train(**b, exit_loss_layers=(0,), exit_loss_weight=0.5)
+    assert me["ce"] == pytest.approx(mb["ce"]) and "acc_l0" in me and 0.0 <= me["acc_l0"] <= 1.0
+    cfg = m.cfg
+    B = b["images"].shape[0]
+    bins = m.head.tokenize(b["actions"]).reshape(B, -1)
+    prefix = m.embed_prefix(b["images"], b["state"], b["text_ids"])
+    h = torch.cat([prefix, m.suffix_inputs(B, prefix.dtype, bins)], 1)
+    pos, kinds, valid = m.layout(B, b["text_valid"], h.device)
+    out, _ = m.forward_layers(h, pos, kinds, valid, exit_policy=_StopAfter(0))
+    lg = m.head(out[:, -cfg.n_suffix:])
+    ce0 = float(nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), bins.reshape(-1)).detach())
+    assert me["exit_ce"] == pytest.approx(ce0, rel=1e-4)
+    assert float(loss) == pytest.approx(mb["ce"] + 0.5 * ce0, rel=1e-4)
+    # the exit loss reaches layer 0's weights through layer 0's own logits: a different gradient there
+    base.backward()
+    g0 = m.decoder.layers[0].mlp.down_proj.weight.grad.clone()
+    m.zero_grad()
+    loss.backward()
+    assert not torch.allclose(m.decoder.layers[0].mlp.down_proj.weight.grad, g0)
+    with pytest.raises(UserError, match="layers must be in"):
+        m.forward_train(**b, exit_loss_layers=(m.n_layers - 1,), exit_loss_weight=0.5)
+    with pytest.raises(UserError, match="AR mode"):
+        make_model("llama", mode="parallel").forward_train(**batch(m.cfg), exit_loss_layers=(0,), exit_loss_weight=1.0)
+
+
+class _StopAfter(NoExit):
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: object) -> bool:
+        return layer_idx == self.layer
 
 
 def test_parallel_head_shapes_and_l1_loss() -> None:

@@ -189,7 +189,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
               bf16: bool = True, shift: int = 8, drop_keep: float = 0.3, drop_prob: float = 0.75,
               drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
               progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0,
-              init_from: str | Path | None = None) -> dict[str, Any]:
+              init_from: str | Path | None = None, exit_loss: float = 0.0,
+              exit_loss_layers: Sequence[int] | None = None) -> dict[str, Any]:
     """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
 
     ema_decay > 0 keeps an exponential moving average of the weights (decay warmed up as min(decay,
@@ -205,6 +206,9 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     as chunk_size), and every weight whose name and shape match is copied: fine-tuning on new demos in the same
     mode, or an AR run that starts from a parallel run's vision tower, projectors and decoder (only the action
     head and the action-slot embeddings start fresh). The optimiser starts fresh.
+
+    exit_loss > 0 (AR mode): add the early-exit loss (`VLAModel.forward_train`) at exit_loss_layers (default:
+    every layer but the last), so early-exit decoding can stop shallower; the log gets exit_ce and acc_l<i>.
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -303,6 +307,11 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     if resuming and log_path.is_file():  # steps after the last checkpoint are redone: drop their old records
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
+    if exit_loss < 0:
+        raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
+    if exit_loss > 0 and cfg.mode != "ar":
+        raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
+    ee_layers = tuple(range(model.n_layers - 1)) if exit_loss_layers is None else tuple(int(l) for l in exit_loss_layers)
     n_params = count_params(model)
     info = {"params_m": round(n_params / 1e6, 3), "frames": len(data), "train_frames": len(train_rows),
             "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}
@@ -327,7 +336,7 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, metrics = model.forward_train(batch["images"], batch["state"], batch["text_ids"],
                                                 batch["text_valid"], batch["actions"], batch["action_mask"],
-                                                pruner=pruner)
+                                                pruner=pruner, exit_loss_layers=ee_layers, exit_loss_weight=exit_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -444,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--init-from", default=None,
                    help="start a new run from this VLA checkpoint (shipped name or dir): its tokenizer, "
                         "normalisation and every weight that fits (e.g. an AR run from a parallel trunk)")
+    p.add_argument("--exit-loss", type=float, default=0.0,
+                   help="AR: weight of the early-exit loss (CE of every shallow layer's logits, LayerSkip-style)")
+    p.add_argument("--exit-loss-layers", default=None, help="comma-separated layers (default: all but the last)")
     p.add_argument("--export", default=None, help="only export --out as a bf16 shipping checkpoint to this dir")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -455,7 +467,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                     lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
-                    ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None)
+                    ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None,
+                    exit_loss=a.exit_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
+                    if a.exit_loss_layers else None)
     print(json.dumps({"event": "done", **res}), flush=True)
 
 

@@ -18,6 +18,7 @@ are only returned by the "eager" implementation, so layers whose attention a str
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,6 +101,20 @@ class NoExit:
     check_layers: frozenset[int] = frozenset()
 
     def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        return False
+
+
+class HiddenTap(NoExit):
+    """Exit policy that never exits and keeps the last `n_last` rows' hidden states after the given layers
+    (training: the early-exit loss reads the action tokens' states at intermediate layers)."""
+
+    def __init__(self, layers: Sequence[int], n_last: int) -> None:
+        self.layers, self.n_last = frozenset(int(l) for l in layers), int(n_last)
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, ctx: StepContext) -> bool:
+        if layer_idx in self.layers:
+            self.hidden[layer_idx] = hidden[:, -self.n_last:]
         return False
 
 
@@ -527,8 +542,14 @@ class VLAModel(nn.Module):
     # ---- training ---------------------------------------------------------------------------------------------
     def forward_train(self, images: torch.Tensor, state: torch.Tensor, text_ids: torch.Tensor,
                       text_valid: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor,
-                      pruner: TokenPruner | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss for a batch. actions (B, chunk, A) normalised to [-1, 1]; action_mask (B, chunk) bool."""
+                      pruner: TokenPruner | None = None, exit_loss_layers: Sequence[int] = (),
+                      exit_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for a batch. actions (B, chunk, A) normalised to [-1, 1]; action_mask (B, chunk) bool.
+
+        AR mode with `exit_loss_layers` and `exit_loss_weight` w > 0 (an early-exit loss, as in LayerSkip):
+        loss = CE(final) + w * mean over those layers l of CE(head(norm(h_l))), the logits early exit reads at
+        layer l, so that shallow layers already rank the right bin first and tokens can exit earlier.
+        """
         cfg = self.cfg
         B = images.shape[0]
         prefix = self.embed_prefix(images, state, text_ids)
@@ -538,7 +559,15 @@ class VLAModel(nn.Module):
             target_bins = self.head.tokenize(actions).reshape(B, -1)  # (B, chunk*A)
         h = torch.cat([prefix, self.suffix_inputs(B, prefix.dtype, target_bins)], 1)
         pos, kinds, valid = self.layout(B, text_valid, h.device)
-        out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner)
+        tap = None
+        if exit_loss_weight > 0 and exit_loss_layers:
+            if cfg.mode != "ar":
+                raise UserError("the early-exit loss is for AR mode (action tokens)")
+            bad = [l for l in exit_loss_layers if not 0 <= l < self.n_layers - 1]
+            if bad:
+                raise UserError(f"early-exit loss layers must be in [0, {self.n_layers - 2}], got {bad}")
+            tap = HiddenTap(exit_loss_layers, cfg.n_suffix)
+        out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=tap)
         suf = out[:, -cfg.n_suffix:]  # suffix tokens are never dropped and come last
         if cfg.mode == "parallel":
             pred = self.head(suf)
@@ -548,9 +577,21 @@ class VLAModel(nn.Module):
         logits = self.head(suf)  # (B, chunk*A, n_bins)
         tok_mask = action_mask[:, :, None].expand(-1, -1, cfg.action_dim).reshape(B, -1)
         loss = ARActionHead.loss(logits, target_bins, tok_mask)
+        n_tok = tok_mask.float().sum().clamp_min(1)
         with torch.no_grad():
-            acc = ((logits.argmax(-1) == target_bins).float() * tok_mask).sum() / tok_mask.float().sum().clamp_min(1)
-        return loss, {"ce": float(loss.detach()), "token_acc": float(acc)}
+            acc = ((logits.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok
+        metrics = {"ce": float(loss.detach()), "token_acc": float(acc)}
+        if tap is not None:
+            exit_ces = []
+            for l in sorted(tap.hidden):
+                lg = self.head(self.decoder.norm(tap.hidden[l]))
+                exit_ces.append(ARActionHead.loss(lg, target_bins, tok_mask))
+                with torch.no_grad():
+                    metrics[f"acc_l{l}"] = float(((lg.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok)
+            exit_ce = torch.stack(exit_ces).mean()
+            metrics["exit_ce"] = float(exit_ce.detach())
+            loss = loss + exit_loss_weight * exit_ce
+        return loss, metrics
 
     # ---- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
