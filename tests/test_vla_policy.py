@@ -166,6 +166,20 @@ def test_train_resume_and_act(mode: str, tmp_path: Path) -> None:
         train_vla([data], out, mode="ar" if mode == "parallel" else "parallel", steps=6, progress=False)
 
 
+def test_train_with_the_early_exit_loss_logs_shallow_layers(tmp_path: Path) -> None:
+    from vla_runtime.train.train_vla import train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data, n=3)
+    r = train_vla([data], tmp_path / "ar", mode="ar", steps=2, batch_size=2, log_every=1, config=dict(TINY),
+                  progress=False, exit_loss=0.3, exit_loss_layers=[0])
+    rec = json.loads((tmp_path / "ar" / "loss_log.jsonl").read_text().splitlines()[-1])
+    assert r["step"] == 2 and "exit_ce" in rec and "acc_l0" in rec and np.isfinite(rec["exit_ce"])
+    with pytest.raises(UserError, match="--mode ar"):
+        train_vla([data], tmp_path / "par", mode="parallel", steps=1, config=dict(TINY), progress=False,
+                  exit_loss=0.3)
+
+
 def test_train_ema_resume_keeps_raw_and_ema_apart(tmp_path: Path) -> None:
     """With --ema, model.safetensors holds the EMA and train_state the raw weights; resuming continues both (the
     raw weights are not replaced by the EMA), and EMA can start on a run that had none."""
