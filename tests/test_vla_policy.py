@@ -180,6 +180,17 @@ def test_train_with_the_early_exit_loss_logs_shallow_layers(tmp_path: Path) -> N
                   exit_loss=0.3)
 
 
+def test_train_shift_off_and_bad_shift(tmp_path: Path) -> None:
+    from vla_runtime.train.train_vla import random_shift, train_vla
+
+    x = torch.rand(2, 3, 8, 8)
+    assert random_shift(x, 0, torch.Generator()) is x  # --shift 0: images untouched
+    moved = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape
+    with pytest.raises(UserError, match="--shift"):
+        train_vla([tmp_path], tmp_path / "o", steps=1, progress=False, shift=-1)
+
+
 def test_train_ema_resume_keeps_raw_and_ema_apart(tmp_path: Path) -> None:
     """With --ema, model.safetensors holds the EMA and train_state the raw weights; resuming continues both (the
     raw weights are not replaced by the EMA), and EMA can start on a run that had none."""

@@ -213,6 +213,10 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     from safetensors.torch import load_file
     from tqdm import tqdm
 
+    if shift < 0:
+        raise UserError(f"--shift must be >= 0 pixels, got {shift}")
+    if exit_loss < 0:
+        raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
     torch.set_num_threads(threads)
     out = Path(out_dir)
     files: list[Path] = []
@@ -307,8 +311,6 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     if resuming and log_path.is_file():  # steps after the last checkpoint are redone: drop their old records
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
-    if exit_loss < 0:
-        raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
     if exit_loss > 0 and cfg.mode != "ar":
         raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
     ee_layers = tuple(range(model.n_layers - 1)) if exit_loss_layers is None else tuple(int(l) for l in exit_loss_layers)
@@ -453,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--init-from", default=None,
                    help="start a new run from this VLA checkpoint (shipped name or dir): its tokenizer, "
                         "normalisation and every weight that fits (e.g. an AR run from a parallel trunk)")
+    p.add_argument("--shift", type=int, default=8,
+                   help="random-shift augmentation: pad by this many pixels and crop back (0 = off)")
     p.add_argument("--exit-loss", type=float, default=0.0,
                    help="AR: weight of the early-exit loss (CE of every shallow layer's logits, LayerSkip-style)")
     p.add_argument("--exit-loss-layers", default=None, help="comma-separated layers (default: all but the last)")
@@ -468,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
                     ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None,
-                    exit_loss=a.exit_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
+                    shift=a.shift, exit_loss=a.exit_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
                     if a.exit_loss_layers else None)
     print(json.dumps({"event": "done", **res}), flush=True)
 
