@@ -178,6 +178,9 @@ def test_train_with_the_early_exit_loss_logs_shallow_layers(tmp_path: Path) -> N
     with pytest.raises(UserError, match="--mode ar"):
         train_vla([data], tmp_path / "par", mode="parallel", steps=1, config=dict(TINY), progress=False,
                   exit_loss=0.3)
+    with pytest.raises(UserError, match="exit-loss-layers must be in"):
+        train_vla([data], tmp_path / "ar2", mode="ar", steps=1, config=dict(TINY), progress=False,
+                  exit_loss=0.3, exit_loss_layers=[99])
 
 
 def test_train_shift_off_and_bad_shift(tmp_path: Path) -> None:

@@ -217,6 +217,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         raise UserError(f"--shift must be >= 0 pixels, got {shift}")
     if exit_loss < 0:
         raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
+    if exit_loss > 0 and mode != "ar":
+        raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
     torch.set_num_threads(threads)
     out = Path(out_dir)
     files: list[Path] = []
@@ -311,9 +313,9 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     if resuming and log_path.is_file():  # steps after the last checkpoint are redone: drop their old records
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
-    if exit_loss > 0 and cfg.mode != "ar":
-        raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
     ee_layers = tuple(range(model.n_layers - 1)) if exit_loss_layers is None else tuple(int(l) for l in exit_loss_layers)
+    if exit_loss > 0 and any(not 0 <= l < model.n_layers - 1 for l in ee_layers):
+        raise UserError(f"--exit-loss-layers must be in [0, {model.n_layers - 2}], got {list(ee_layers)}")
     n_params = count_params(model)
     info = {"params_m": round(n_params / 1e6, 3), "frames": len(data), "train_frames": len(train_rows),
             "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}
