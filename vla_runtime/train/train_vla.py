@@ -314,8 +314,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
     ee_layers = tuple(range(model.n_layers - 1)) if exit_loss_layers is None else tuple(int(l) for l in exit_loss_layers)
-    if exit_loss > 0 and any(not 0 <= l < model.n_layers - 1 for l in ee_layers):
-        raise UserError(f"--exit-loss-layers must be in [0, {model.n_layers - 2}], got {list(ee_layers)}")
+    if exit_loss > 0:
+        model.check_exit_loss_layers(ee_layers)  # before the first step, not at it
     n_params = count_params(model)
     info = {"params_m": round(n_params / 1e6, 3), "frames": len(data), "train_frames": len(train_rows),
             "val_frames": len(val_rows), "files": len(files), "seq_len": cfg.seq_len, "visual_tokens": cfg.n_visual}

@@ -563,9 +563,7 @@ class VLAModel(nn.Module):
         if exit_loss_weight > 0 and exit_loss_layers:
             if cfg.mode != "ar":
                 raise UserError("the early-exit loss is for AR mode (action tokens)")
-            bad = [l for l in exit_loss_layers if not 0 <= l < self.n_layers - 1]
-            if bad:
-                raise UserError(f"early-exit loss layers must be in [0, {self.n_layers - 2}], got {bad}")
+            self.check_exit_loss_layers(exit_loss_layers)
             tap = HiddenTap(exit_loss_layers, cfg.n_suffix)
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=tap)
         suf = out[:, -cfg.n_suffix:]  # suffix tokens are never dropped and come last
@@ -578,20 +576,28 @@ class VLAModel(nn.Module):
         tok_mask = action_mask[:, :, None].expand(-1, -1, cfg.action_dim).reshape(B, -1)
         loss = ARActionHead.loss(logits, target_bins, tok_mask)
         n_tok = tok_mask.float().sum().clamp_min(1)
-        with torch.no_grad():
-            acc = ((logits.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok
-        metrics = {"ce": float(loss.detach()), "token_acc": float(acc)}
+
+        def token_acc(lg: torch.Tensor) -> float:
+            with torch.no_grad():
+                return float(((lg.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok)
+
+        metrics = {"ce": float(loss.detach()), "token_acc": token_acc(logits)}
         if tap is not None:
             exit_ces = []
             for l in sorted(tap.hidden):
                 lg = self.head(self.decoder.norm(tap.hidden[l]))
                 exit_ces.append(ARActionHead.loss(lg, target_bins, tok_mask))
-                with torch.no_grad():
-                    metrics[f"acc_l{l}"] = float(((lg.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok)
+                metrics[f"acc_l{l}"] = token_acc(lg)
             exit_ce = torch.stack(exit_ces).mean()
             metrics["exit_ce"] = float(exit_ce.detach())
             loss = loss + exit_loss_weight * exit_ce
         return loss, metrics
+
+    def check_exit_loss_layers(self, layers: Sequence[int]) -> None:
+        """The early-exit loss reads layers before the last one (the last one's logits are the main loss)."""
+        bad = [l for l in layers if not 0 <= l < self.n_layers - 1]
+        if bad:
+            raise UserError(f"exit-loss-layers must be in [0, {self.n_layers - 2}], got {bad}")
 
     # ---- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
