@@ -83,3 +83,76 @@ def test_collect_dummy_resumable(tmp_path):
     res2 = collect(CollectConfig(env="dummy:reach", episodes=3, out=tmp_path, seed=100, image_size=16), progress=False)
     assert res2["demos"] == {"reach": 3}
     assert {p: p.stat().st_mtime_ns for p in list_demos(tmp_path)} == mtimes
+
+
+# ------------------------------------------------------------------ takeover (HG-DAgger-style) recovery demos
+class _PushPolicy:
+    """Drives +x at full speed: takes the dummy end-effector away from where the expert would go."""
+
+    def __init__(self, chunk=4, n_exec=2):
+        from vla_runtime.runtime.types import PolicySpec
+
+        self.spec = PolicySpec(chunk_size=chunk, n_action_steps=n_exec)
+        self.calls = 0
+        self.resets = []
+
+    def reset(self, instruction):
+        self.resets.append(instruction)
+
+    def act(self, obs):
+        from vla_runtime.runtime.types import ActionChunk
+
+        self.calls += 1
+        a = np.zeros((self.spec.chunk_size, 7), np.float32)
+        a[:, 0] = 1.0
+        return ActionChunk(actions=a, stamp=obs.stamp)
+
+
+def test_takeover_records_only_the_expert_part_from_the_policys_state():
+    from vla_runtime.envs.base import EpisodeSpec
+    from vla_runtime.envs.dummy import STEP_M, DummyReachEnv
+    from vla_runtime.train.collect import rollout_takeover
+
+    env = DummyReachEnv()
+    spec = EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=3, init_state=None)
+    start = env.reset(spec).privileged["eef_pos"].copy()
+    pol = _PushPolicy(chunk=4, n_exec=2)
+    demo, steps, info = rollout_takeover(env, spec, pol, switch=5)
+    assert pol.resets == ["reach the red target"] and pol.calls == 3  # ceil(5 / 2): n_action_steps per chunk
+    assert demo is not None and info["switch"] == 5 and info["expert_steps"] == len(demo) == steps - 5
+    # the recorded first state is where the policy left the robot, not the reset state
+    np.testing.assert_allclose(demo.states[0, :3], start + np.array([5 * STEP_M, 0, 0]), atol=1e-6)
+    # and the expert's first label is its answer to that state
+    moved = start + np.array([5 * STEP_M, 0, 0])
+    np.testing.assert_allclose(demo.actions[0, :3], np.clip((env._target - moved) / STEP_M, -1, 1), atol=1e-5)
+
+
+def test_takeover_keeps_no_demo_when_the_policy_succeeds_first():
+    from vla_runtime.envs.base import EpisodeSpec
+    from vla_runtime.envs.dummy import DummyReachEnv
+    from vla_runtime.policies.scripted import ScriptedPolicy
+    from vla_runtime.train.collect import rollout_takeover
+
+    env = DummyReachEnv()
+    spec = EpisodeSpec(env="dummy:reach", task="reach", index=0, seed=3, init_state=None)
+    demo, steps, info = rollout_takeover(env, spec, ScriptedPolicy("dummy:reach"), switch=59)
+    assert demo is None and info["policy_success"] and steps < 59
+
+
+def test_takeover_switch_step_is_deterministic_and_in_range():
+    from vla_runtime.train.collect import CollectConfig, takeover_switch_step
+
+    steps = [takeover_switch_step(s, (10, 20)) for s in range(200)]
+    assert steps == [takeover_switch_step(s, (10, 20)) for s in range(200)]
+    assert min(steps) == 10 and max(steps) == 20
+    with pytest.raises(UserError):
+        CollectConfig(env="dummy:reach", episodes=1, out="x", takeover_after=(5, 2))
+
+
+def test_takeover_after_flag_parse_errors():
+    from vla_runtime.cli import _int_pair
+
+    assert _int_pair("10,120", "--takeover-after") == (10, 120)
+    for bad in ("10", "a,b", "1,2,3"):
+        with pytest.raises(UserError, match="--takeover-after"):
+            _int_pair(bad, "--takeover-after")

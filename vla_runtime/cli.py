@@ -121,6 +121,15 @@ def eval(  # noqa: A001 - the verb is `eval`
           f"{rate} episodes/hour ({where}); results in {info['out_dir']}/eval_info.json")
 
 
+def _int_pair(text: str, flag: str) -> tuple[int, int]:
+    parts = _split(text)
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"{flag} wants two integers LO,HI, got {text!r}") from None
+    return lo, hi
+
+
 def collect(
     env: str,
     episodes: int,
@@ -130,6 +139,8 @@ def collect(
     image_size: int = 128,
     task: str = "",
     max_attempts_factor: float = 2.0,
+    takeover: str = "",
+    takeover_after: str = "10,120",
 ) -> None:
     """Record successful scripted-expert demos (images, state, actions, instruction, seed) as HDF5 files in OUT.
 
@@ -145,12 +156,16 @@ def collect(
         image_size: camera resolution.
         task: comma-separated task ids to restrict to.
         max_attempts_factor: give up on a task after episodes * factor attempts.
+        takeover: a policy (e.g. vla:vla_lift_parallel) that drives each episode first; the expert takes over
+            after a random number of steps and only its part is recorded (recovery demos from the policy's states).
+        takeover_after: LO,HI: the policy drives a uniform number of steps in [LO, HI].
     """
     from vla_runtime.train.collect import CollectConfig
     from vla_runtime.train.collect import collect as run
 
     res = run(CollectConfig(env=env, episodes=episodes, out=out, seed=seed, workers=workers, image_size=image_size,
-                            tasks=_split(task), max_attempts_factor=max_attempts_factor),
+                            tasks=_split(task), max_attempts_factor=max_attempts_factor, takeover=takeover,
+                            takeover_after=_int_pair(takeover_after, "--takeover-after")),
               progress=sys.stderr.isatty() or bool(os.environ.get("VLA_PROGRESS")))
     print(json.dumps(res, indent=1))
     if res.get("short"):

@@ -5,6 +5,12 @@ freshly sampled placements (init_state=None), never the benchmark init states. E
 `attempts.jsonl` (success or not), so a resumed run neither repeats a recorded demo nor retries a failed seed.
 Workers are spawned (not forked: MuJoCo/EGL contexts and torch threads do not survive fork), each builds its env
 once per task and writes its own files atomically.
+
+Takeover demos (`takeover=POLICY`, HG-DAgger style): a learned policy drives the episode for a random number of
+steps, then the scripted expert takes over from wherever the policy left the robot and its actions are recorded
+from that state on. Behaviour cloning only sees the expert's own states; these demos add the states the policy
+itself reaches (a gripper beside the cube, a missed grasp) with the expert's recovery from them, and, because the
+gripper starts anywhere relative to the object, they cannot be fitted from proprio alone.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class CollectConfig:
     cameras: tuple[str, ...] = ()
     max_attempts_factor: float = 2.0  # give up on a task after episodes * factor attempts
     tasks: tuple[str, ...] = ()
+    takeover: str = ""  # policy name (e.g. vla:vla_lift_parallel): record expert takeovers from its states
+    takeover_after: tuple[int, int] = (10, 120)  # the policy drives a uniform number of steps in [lo, hi]
+
+    def __post_init__(self) -> None:
+        lo, hi = self.takeover_after
+        if not 0 <= lo <= hi:
+            raise UserError(f"takeover_after must be 0 <= lo <= hi, got {self.takeover_after}")
 
 
 def _attempted(out: Path) -> dict[tuple[str, int], bool]:
@@ -80,27 +93,89 @@ def rollout_demo(env: Any, spec: EpisodeSpec) -> tuple[Demo | None, int]:
     return None, len(actions)
 
 
+def takeover_switch_step(seed: int, after: tuple[int, int]) -> int:
+    """The step at which the expert takes over for demo `seed` (deterministic, so resumed runs agree)."""
+    return int(np.random.default_rng([seed, 7]).integers(after[0], after[1] + 1))
+
+
+def rollout_takeover(env: Any, spec: EpisodeSpec, policy: Any, switch: int) -> tuple[Demo | None, int, dict[str, Any]]:
+    """`policy` drives `switch` steps (executing `n_action_steps` of each chunk), then a fresh scripted expert
+    takes over; the demo holds only the expert's part. Returns (demo if the expert succeeded, total steps, info).
+    No demo when the policy itself succeeds or the episode ends before the switch."""
+    from vla_runtime.policies.scripted import make_expert
+
+    obs = env.reset(spec)
+    policy.reset(obs.instruction)
+    queue: list[np.ndarray] = []
+    t = 0
+    while t < switch:
+        if not queue:
+            chunk = policy.act(obs)
+            queue = list(chunk.actions[: policy.spec.n_action_steps])
+        res = env.step(queue.pop(0))
+        obs, t = res.obs, t + 1
+        if res.success or res.done:
+            return None, t, {"switch": switch, "policy_success": bool(res.success)}
+    expert = make_expert(spec.task)
+    imgs: dict[str, list[np.ndarray]] = {c: [] for c in obs.images}
+    states, actions = [], []
+    while True:
+        a = np.asarray(expert(obs), dtype=np.float32)
+        for c, im in obs.images.items():
+            imgs[c].append(im)
+        states.append(obs.state)
+        actions.append(a)
+        res = env.step(a)
+        obs, t = res.obs, t + 1
+        if res.success:
+            demo = Demo(env=env.spec.name, task=spec.task, instruction=obs.instruction, seed=spec.seed,
+                        actions=np.stack(actions), states=np.stack(states),
+                        images={c: np.stack(v) for c, v in imgs.items()}, control_hz=env.spec.control_hz)
+            return demo, t, {"switch": switch, "expert_steps": len(actions)}
+        if res.done:
+            return None, t, {"switch": switch, "expert_steps": len(actions)}
+
+
 def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from vla_runtime.envs import make_env
 
     parent = os.getppid()
-    env = make_env(cfg.env, cameras=cfg.cameras or None, image_size=cfg.image_size, render=True)
+    policy = None
+    cameras, image_size, max_steps = cfg.cameras or None, cfg.image_size, None
+    if cfg.takeover:
+        import torch
+
+        from vla_runtime.policies import make_policy
+
+        torch.set_num_threads(1)
+        policy = make_policy(cfg.takeover, env_name=cfg.env)
+        cameras, image_size = policy.spec.cameras or cameras, policy.spec.image_size
+        probe = make_env(cfg.env, render=False)  # the expert gets the full episode length after the switch
+        max_steps = max(t.max_steps for t in probe.tasks()) + cfg.takeover_after[1]
+        probe.close()
+    env = make_env(cfg.env, cameras=cameras, image_size=image_size, render=True,
+                   **({"max_steps": max_steps} if max_steps is not None else {}))
     try:
         for task, seed in jobs:
             if os.getppid() != parent:  # the coordinator was killed: do not keep collecting as an orphan
                 return
             spec = EpisodeSpec(env=env.spec.name, task=task, index=0, seed=seed, init_state=None)
             t0 = time.perf_counter()
+            info: dict[str, Any] = {}
             try:
-                demo, steps = rollout_demo(env, spec)
+                if policy is not None:
+                    demo, steps, info = rollout_takeover(env, spec, policy,
+                                                         takeover_switch_step(seed, cfg.takeover_after))
+                else:
+                    demo, steps = rollout_demo(env, spec)
             except Exception as e:  # noqa: BLE001 - a sim crash on one seed: report it, keep collecting
                 q.put(("attempt", {"task": task, "seed": seed, "success": False, "error": f"{type(e).__name__}: {e}"}))
                 continue
             if demo is not None:
                 write_demo(cfg.out, demo)
             q.put(("attempt", {"task": task, "seed": seed, "success": demo is not None, "steps": steps,
-                               "seconds": round(time.perf_counter() - t0, 2), "worker": wid}))
+                               "seconds": round(time.perf_counter() - t0, 2), "worker": wid, **info}))
     finally:
         env.close()
         q.put(("exit", wid))
@@ -114,6 +189,10 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         raise UserError("--episodes must be >= 1")
     if cfg.workers < 1:
         raise UserError("--workers must be >= 1")
+    if cfg.takeover:  # fail here, with the policy's own error, rather than in every worker
+        from vla_runtime.policies import make_policy
+
+        make_policy(cfg.takeover, env_name=cfg.env)
     probe = make_env(cfg.env, render=False)
     tasks = [t.task for t in probe.tasks() if not cfg.tasks or t.task in cfg.tasks]
     probe.close()
