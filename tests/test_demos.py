@@ -156,3 +156,16 @@ def test_takeover_after_flag_parse_errors():
     for bad in ("10", "a,b", "1,2,3"):
         with pytest.raises(UserError, match="--takeover-after"):
             _int_pair(bad, "--takeover-after")
+
+
+def test_collect_schedules_more_rounds_until_the_attempt_budget(tmp_path):
+    """When more seeds fail than the first round's margin covers, collect keeps scheduling until the budget is
+    spent. Here the driving policy (the expert itself) always succeeds before the switch, so no seed gives a demo."""
+    from vla_runtime.train.collect import CollectConfig, collect
+
+    cfg = CollectConfig(env="dummy:reach", episodes=2, out=tmp_path, seed=100, image_size=16, takeover="scripted",
+                        takeover_after=(59, 59), max_attempts_factor=3.0)
+    res = collect(cfg, progress=False)
+    assert res["attempts"] == 6 and res["successes"] == 0 and res["short"] == {"reach": 0}  # first round: 4
+    assert len((tmp_path / "attempts.jsonl").read_text().splitlines()) == 6
+    assert collect(cfg, progress=False)["attempts"] == 0  # resumed: the budget stays spent

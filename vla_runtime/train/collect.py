@@ -200,6 +200,21 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         raise UserError(f"no tasks selected in {cfg.env}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Each round schedules the seeds still needed (plus a margin for expected failures); when more seeds fail
+    # than the margin covered, the next round schedules more, until every task has its demos or its budget is
+    # spent. A round that records no attempt at all (workers dying) ends the run instead of looping.
+    attempts = successes = 0
+    while True:
+        res = _collect_round(cfg, tasks, out, progress)
+        attempts += res.pop("attempts", 0)
+        successes += res.pop("successes", 0)
+        if not res.pop("scheduled") or not res.get("short") or res.pop("recorded") == 0:
+            break
+    res.pop("recorded", None)
+    return {**res, "attempts": attempts, "successes": successes}
+
+
+def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bool) -> dict[str, Any]:
     attempted = _attempted(out)
     budget = int(np.ceil(cfg.episodes * cfg.max_attempts_factor))
     # Each task gets its own seed range so that adding tasks later never changes another task's seeds.
@@ -215,7 +230,8 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         # Speculatively schedule a few extra seeds for expected failures; the main loop stops early.
         jobs += [(task, s) for s in seeds[: max(0, min(len(seeds), budget - tried, int(need * 1.15) + 2))]] if need > 0 else []
     if not jobs:
-        return {"demos": have, "out": str(out)}
+        short = {t: n for t, n in have.items() if n < cfg.episodes}
+        return {"demos": have, "short": short, "out": str(out), "scheduled": 0, "recorded": 0}
     # Round-robin over workers, grouped by task so each worker builds few envs.
     shards: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
     for i, job in enumerate(jobs):
@@ -265,4 +281,5 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     short = {t: n for t, n in have.items() if n < cfg.episodes}
-    return {"demos": have, "attempts": n_attempts, "successes": n_ok, "short": short, "out": str(out)}
+    return {"demos": have, "attempts": n_attempts, "successes": n_ok, "short": short, "out": str(out),
+            "scheduled": len(jobs), "recorded": n_attempts}
