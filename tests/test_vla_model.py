@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import copy
 
 import pytest
@@ -493,3 +494,26 @@ def test_config_validation() -> None:
     c = tiny_cfg()
     assert VLAConfig.from_dict(c.to_dict()) == c
     assert c.n_visual == 2 * 4 and c.seq_len == 1 + 8 + 1 + 5 + 3
+
+
+def test_proprio_dims_hide_the_other_state_dims() -> None:
+    with pytest.raises(UserError, match="proprio_dims"):
+        tiny_cfg(proprio_dims=[6, 8])
+    with pytest.raises(UserError, match="proprio_dims"):
+        tiny_cfg(proprio_dims=[6, 6])
+    c = tiny_cfg(proprio_dims=[6, 7])
+    assert VLAConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # survives the config.json round trip
+    torch.manual_seed(0)
+    m = VLAModel(c).eval()
+    b = batch(c)
+    ref = m.embed_prefix(b["images"], b["state"], b["text_ids"])
+    moved = b["state"].clone()
+    moved[:, :6] += 0.7  # the eef pose the model must not see
+    torch.testing.assert_close(m.embed_prefix(b["images"], moved, b["text_ids"]), ref, rtol=0, atol=0)
+    grip = b["state"].clone()
+    grip[:, 7] += 0.7  # a dim it does see
+    assert not torch.allclose(m.embed_prefix(b["images"], grip, b["text_ids"]), ref)
+    torch.manual_seed(0)
+    full = VLAModel(tiny_cfg()).eval()  # same weights, all dims seen: the eef pose does move the proprio token
+    assert not torch.allclose(full.embed_prefix(b["images"], moved, b["text_ids"]),
+                              full.embed_prefix(b["images"], b["state"], b["text_ids"]))

@@ -55,6 +55,10 @@ class VLAConfig:
     max_text_len: int = 24
     # proprio / action
     state_dim: int = 8
+    # the proprio dims the model sees (None: all); the others are zeroed before the projector, in training and at
+    # inference alike. [6, 7] (gripper only) takes away the eef pose: the copycat shortcut of predicting the
+    # motion from where the arm already is, instead of from where the object is in the images.
+    proprio_dims: tuple[int, ...] | None = None
     action_dim: int = 7
     chunk_size: int = 8  # actions per inference
     n_action_steps: int = 8  # actions executed per chunk in a synchronous loop
@@ -88,6 +92,12 @@ class VLAConfig:
             raise UserError(f"n_action_steps must be in [1, chunk_size={self.chunk_size}]")
         if self.n_bins < 2:
             raise UserError("n_bins must be >= 2")
+        if self.proprio_dims is not None:
+            self.proprio_dims = tuple(int(d) for d in self.proprio_dims)
+            bad = [d for d in self.proprio_dims if not 0 <= d < self.state_dim]
+            if bad or len(set(self.proprio_dims)) != len(self.proprio_dims):
+                raise UserError(f"proprio_dims must be distinct state dims in [0, {self.state_dim}), "
+                                f"got {list(self.proprio_dims)}")
         for name in ("hidden", "layers", "heads", "intermediate", "max_text_len", "vocab_size", "state_dim",
                      "action_dim", "chunk_size", "vision_layers"):
             if int(getattr(self, name)) < 1:

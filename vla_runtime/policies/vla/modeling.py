@@ -406,6 +406,10 @@ class VLAModel(nn.Module):
         dev = text_ids.device
         bos = emb(torch.full((B, 1), self.bos_id, dtype=torch.long, device=dev))  # (B, 1, D)
         vis = self.encode_images(images)  # (B, Nv, D)
+        if self.cfg.proprio_dims is not None:  # the dims the model does not see are zeroed (config, not input)
+            keep = torch.zeros(state.shape[-1], dtype=state.dtype, device=state.device)
+            keep[list(self.cfg.proprio_dims)] = 1
+            state = state * keep
         prop = self.proprio_projector(state.to(vis.dtype))[:, None]  # (B, 1, D)
         txt = emb(text_ids)  # (B, T, D)
         dt = vis.dtype
