@@ -66,13 +66,12 @@ def _attempted(out: Path) -> dict[tuple[str, int], bool]:
     return done
 
 
-def rollout_demo(env: Any, spec: EpisodeSpec) -> tuple[Demo | None, int]:
-    """Run the scripted expert for `spec`; returns (demo if successful, steps)."""
+def record_expert(env: Any, spec: EpisodeSpec, obs: Any, max_steps: int) -> tuple[Demo | None, int]:
+    """A fresh scripted expert acts from `obs` until success, the env's end or `max_steps`; returns (the recorded
+    demo if it succeeded, steps taken)."""
     from vla_runtime.policies.scripted import make_expert
 
-    obs = env.reset(spec)
     expert = make_expert(spec.task)
-    max_steps = env.task_info(spec.task).max_steps
     imgs: dict[str, list[np.ndarray]] = {c: [] for c in obs.images}
     states, actions = [], []
     for _ in range(max_steps):
@@ -93,6 +92,12 @@ def rollout_demo(env: Any, spec: EpisodeSpec) -> tuple[Demo | None, int]:
     return None, len(actions)
 
 
+def rollout_demo(env: Any, spec: EpisodeSpec) -> tuple[Demo | None, int]:
+    """Run the scripted expert for `spec`; returns (demo if successful, steps)."""
+    obs = env.reset(spec)
+    return record_expert(env, spec, obs, env.task_info(spec.task).max_steps)
+
+
 def takeover_switch_step(seed: int, after: tuple[int, int]) -> int:
     """The step at which the expert takes over for demo `seed` (deterministic, so resumed runs agree)."""
     return int(np.random.default_rng([seed, 7]).integers(after[0], after[1] + 1))
@@ -102,8 +107,6 @@ def rollout_takeover(env: Any, spec: EpisodeSpec, policy: Any, switch: int) -> t
     """`policy` drives `switch` steps (executing `n_action_steps` of each chunk), then a fresh scripted expert
     takes over; the demo holds only the expert's part. Returns (demo if the expert succeeded, total steps, info).
     No demo when the policy itself succeeds or the episode ends before the switch."""
-    from vla_runtime.policies.scripted import make_expert
-
     obs = env.reset(spec)
     policy.reset(obs.instruction)
     queue: list[np.ndarray] = []
@@ -116,24 +119,8 @@ def rollout_takeover(env: Any, spec: EpisodeSpec, policy: Any, switch: int) -> t
         obs, t = res.obs, t + 1
         if res.success or res.done:
             return None, t, {"switch": switch, "policy_success": bool(res.success)}
-    expert = make_expert(spec.task)
-    imgs: dict[str, list[np.ndarray]] = {c: [] for c in obs.images}
-    states, actions = [], []
-    while True:
-        a = np.asarray(expert(obs), dtype=np.float32)
-        for c, im in obs.images.items():
-            imgs[c].append(im)
-        states.append(obs.state)
-        actions.append(a)
-        res = env.step(a)
-        obs, t = res.obs, t + 1
-        if res.success:
-            demo = Demo(env=env.spec.name, task=spec.task, instruction=obs.instruction, seed=spec.seed,
-                        actions=np.stack(actions), states=np.stack(states),
-                        images={c: np.stack(v) for c, v in imgs.items()}, control_hz=env.spec.control_hz)
-            return demo, t, {"switch": switch, "expert_steps": len(actions)}
-        if res.done:
-            return None, t, {"switch": switch, "expert_steps": len(actions)}
+    demo, n = record_expert(env, spec, obs, env.task_info(spec.task).max_steps)  # the env's limit ends it first
+    return demo, t + n, {"switch": switch, "expert_steps": n}
 
 
 def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -> None:
