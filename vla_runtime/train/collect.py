@@ -123,13 +123,14 @@ def rollout_takeover(env: Any, spec: EpisodeSpec, policy: Any, switch: int) -> t
     return demo, t + n, {"switch": switch, "expert_steps": n}
 
 
-def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -> None:
+def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any, max_steps: int | None) -> None:
+    """max_steps: the env's episode limit when it must differ from the task's own (takeover runs)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from vla_runtime.envs import make_env
 
     parent = os.getppid()
     policy = None
-    cameras, image_size, max_steps = cfg.cameras or None, cfg.image_size, None
+    cameras, image_size = cfg.cameras or None, cfg.image_size
     if cfg.takeover:
         import torch
 
@@ -138,9 +139,6 @@ def _worker(wid: int, cfg: CollectConfig, jobs: list[tuple[str, int]], q: Any) -
         torch.set_num_threads(1)
         policy = make_policy(cfg.takeover, env_name=cfg.env)
         cameras, image_size = policy.spec.cameras or cameras, policy.spec.image_size
-        probe = make_env(cfg.env, render=False)  # the expert gets the full episode length after the switch
-        max_steps = max(t.max_steps for t in probe.tasks()) + cfg.takeover_after[1]
-        probe.close()
     env = make_env(cfg.env, cameras=cameras, image_size=image_size, render=True,
                    **({"max_steps": max_steps} if max_steps is not None else {}))
     try:
@@ -182,6 +180,8 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
         make_policy(cfg.takeover, env_name=cfg.env)
     probe = make_env(cfg.env, render=False)
     tasks = [t.task for t in probe.tasks() if not cfg.tasks or t.task in cfg.tasks]
+    # takeover: the expert gets the full episode length after the latest switch
+    max_steps = max(t.max_steps for t in probe.tasks()) + cfg.takeover_after[1] if cfg.takeover else None
     probe.close()
     if not tasks:
         raise UserError(f"no tasks selected in {cfg.env}")
@@ -192,16 +192,17 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     # spent. A round that records no attempt at all (workers dying) ends the run instead of looping.
     attempts = successes = 0
     while True:
-        res = _collect_round(cfg, tasks, out, progress)
-        attempts += res.pop("attempts", 0)
-        successes += res.pop("successes", 0)
-        if not res.pop("scheduled") or not res.get("short") or res.pop("recorded") == 0:
+        n_attempts, n_ok, have = _collect_round(cfg, tasks, out, progress, max_steps)
+        attempts, successes = attempts + n_attempts, successes + n_ok
+        short = {t: n for t, n in have.items() if n < cfg.episodes}
+        if not short or n_attempts == 0:
             break
-    res.pop("recorded", None)
-    return {**res, "attempts": attempts, "successes": successes}
+    return {"demos": have, "attempts": attempts, "successes": successes, "short": short, "out": str(out)}
 
 
-def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bool) -> dict[str, Any]:
+def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bool,
+                   max_steps: int | None) -> tuple[int, int, dict[str, int]]:
+    """Schedule and run one round of seeds; returns (attempts, successes, demos per task)."""
     attempted = _attempted(out)
     budget = int(np.ceil(cfg.episodes * cfg.max_attempts_factor))
     # Each task gets its own seed range so that adding tasks later never changes another task's seeds.
@@ -217,15 +218,14 @@ def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bo
         # Speculatively schedule a few extra seeds for expected failures; the main loop stops early.
         jobs += [(task, s) for s in seeds[: max(0, min(len(seeds), budget - tried, int(need * 1.15) + 2))]] if need > 0 else []
     if not jobs:
-        short = {t: n for t, n in have.items() if n < cfg.episodes}
-        return {"demos": have, "short": short, "out": str(out), "scheduled": 0, "recorded": 0}
+        return 0, 0, have
     # Round-robin over workers, grouped by task so each worker builds few envs.
     shards: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
     for i, job in enumerate(jobs):
         shards[i % cfg.workers].append(job)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(w, cfg, shard, q), daemon=True) for w, shard in enumerate(shards) if shard]
+    procs = [ctx.Process(target=_worker, args=(w, cfg, shard, q, max_steps), daemon=True) for w, shard in enumerate(shards) if shard]
     for p in procs:
         p.start()
     bar = None
@@ -267,6 +267,4 @@ def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bo
             p.join(timeout=10)
         if bar is not None:
             bar.close()
-    short = {t: n for t, n in have.items() if n < cfg.episodes}
-    return {"demos": have, "attempts": n_attempts, "successes": n_ok, "short": short, "out": str(out),
-            "scheduled": len(jobs), "recorded": n_attempts}
+    return n_attempts, n_ok, have
