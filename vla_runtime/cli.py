@@ -1,4 +1,4 @@
-"""`vla-runtime <verb>`: eval, collect, train, bench, list, robot, keys.
+"""`vla-runtime <verb>`: eval, collect, train, bench, list, robot, keys, probe.
 
 Every verb is a typed function; tyro turns its signature and docstring into flags and help. A `UserError`
 anywhere becomes one line on stderr and exit code 2: no traceback for bad input.
@@ -249,6 +249,42 @@ def train(
                               max_chunks=max_chunks)
 
 
+def probe(
+    policy: str,
+    data: Path,
+    step: int = 15,
+    episodes: int = 30,
+    horizon: int | None = None,
+    threads: int | None = 1,
+    out: Path | None = None,
+) -> None:
+    """What a policy looks at: swap each demo frame's images with another demo's of the same task and see whether
+    the predicted motion follows the images or the proprio state (r_images vs r_state per action dim).
+
+    Args:
+        policy: as for eval (vla:..., diffusion:...).
+        data: demo directory (HDF5), ideally held out (never trained on).
+        step: frame of each demo to probe.
+        episodes: demos used (spread over the directory).
+        horizon: actions summed into the predicted motion (default: the policy's chunk).
+        threads: torch intra-op threads.
+        out: write the statistics as JSON here.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from vla_runtime.policies import make_policy
+    from vla_runtime.policies.probe import format_probe, load_probe_demos, swap_probe
+
+    pol = make_policy(policy)
+    res = swap_probe(pol, load_probe_demos(data, pol.spec.cameras, episodes), step=step, horizon=horizon)
+    print(format_probe(res))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"policy": policy, "data": str(data), **res}, indent=1))
+
+
 def list_() -> None:
     """List envs and policies (shipped checkpoints included)."""
     from vla_runtime.envs import list_envs
@@ -347,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     verbs = {"eval": eval, "collect": collect, "train": train, "bench": bench, "list": list_, "robot": robot,
-             "keys": keys}
+             "keys": keys, "probe": probe}
     try:
         tyro.extras.subcommand_cli_from_dict(verbs, prog="vla-runtime", args=argv,
                                              description="Real-time robot control runtime for VLAs and diffusion policies.")
