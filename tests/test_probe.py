@@ -81,3 +81,11 @@ def test_probe_rejects_unusable_input(demos):
         swap_probe(pol, demos, step=STEP, horizon=H + 1)
     with pytest.raises(UserError, match="dims"):
         swap_probe(pol, demos, step=STEP, horizon=H, dims=(0, 99))
+
+
+def test_cli_probe_bad_input_is_one_line_error(tmp_path, capsys):
+    from vla_runtime.cli import main
+
+    assert main(["probe", "--policy", "vla:no_such_checkpoint", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vla-runtime: error:") and "Traceback" not in err
