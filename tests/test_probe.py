@@ -43,8 +43,9 @@ def demos(tmp_path_factory):
     d = tmp_path_factory.mktemp("probe_demos")
     write_dummy_demos(d, 9, seed0=40)
     cams = json.loads(h5py.File(list_demos(d)[0], "r").attrs["cameras"])
-    out = load_probe_demos(d, cams, episodes=0)
+    out = load_probe_demos(d, cams, episodes=0, step=STEP)
     assert len(out) == 9 and all(len(x) > STEP + H for x in out)
+    assert all(v.shape[0] == STEP + 1 for x in out for v in x.images.values())  # images only up to the probed frame
     return out
 
 

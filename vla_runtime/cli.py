@@ -278,7 +278,7 @@ def probe(
     from vla_runtime.policies.probe import format_probe, load_probe_demos, swap_probe
 
     pol = make_policy(policy)
-    res = swap_probe(pol, load_probe_demos(data, pol.spec.cameras, episodes), step=step, horizon=horizon)
+    res = swap_probe(pol, load_probe_demos(data, pol.spec.cameras, episodes, step), step=step, horizon=horizon)
     print(format_probe(res))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

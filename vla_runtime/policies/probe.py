@@ -88,13 +88,14 @@ def swap_probe(policy: Policy, demos: Sequence[Demo], step: int = 15, horizon: i
     pairs = swap_pairs([d.task for d in usable])
     if len(pairs) < 3:
         raise UserError("the swap probe needs >= 3 demos sharing a task with another demo")
-    truth = {i: usable[i].actions[step:step + horizon][:, list(dims)].sum(0).astype(np.float64) for i, _ in pairs}
-    own = {i: _motion(policy, _obs(usable[i], step), horizon, dims) for i, _ in pairs}
+    def truth(d: Demo) -> np.ndarray:  # what the expert did next
+        return d.actions[step:step + horizon][:, list(dims)].sum(0).astype(np.float64)
+
+    own_a = np.array([_motion(policy, _obs(usable[i], step), horizon, dims) for i, _ in pairs])
     swapped = np.array([_motion(policy, _obs(usable[i], step, images_from=usable[j]), horizon, dims)
                         for i, j in pairs])
-    own_a = np.array([own[i] for i, _ in pairs])
-    true_i = np.array([truth[i] for i, _ in pairs])
-    true_j = np.array([truth[j] for _, j in pairs])
+    true_i = np.array([truth(usable[i]) for i, _ in pairs])
+    true_j = np.array([truth(usable[j]) for _, j in pairs])
     per_dim = {}
     for k, d in enumerate(dims):
         per_dim[int(d)] = {
@@ -119,8 +120,10 @@ def format_probe(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_probe_demos(data_dir: str | Path, cameras: Sequence[str], episodes: int) -> list[Demo]:
+def load_probe_demos(data_dir: str | Path, cameras: Sequence[str], episodes: int, step: int) -> list[Demo]:
+    """`episodes` demos spread over the directory (0: all), images read only up to frame `step` (all the probe
+    looks at; a whole episode's frames would be most of the I/O)."""
     files = list_demos(data_dir)
     if episodes > 0 and len(files) > episodes:  # spread over the directory (tasks are contiguous in file order)
         files = [files[int(k)] for k in np.linspace(0, len(files) - 1, episodes).round()]
-    return [read_demo(p, cameras=list(cameras)) for p in files]
+    return [read_demo(p, cameras=list(cameras), image_frames=slice(0, step + 1)) for p in files]

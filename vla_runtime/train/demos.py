@@ -67,7 +67,10 @@ def write_demo(out_dir: str | Path, demo: Demo) -> Path:
     return final
 
 
-def read_demo(path: str | Path, cameras: list[str] | None = None, load_images: bool = True) -> Demo:
+def read_demo(path: str | Path, cameras: list[str] | None = None, load_images: bool = True,
+              image_frames: slice | None = None) -> Demo:
+    """image_frames: read only these frames of each camera (the frames are stored one per chunk, so this skips the
+    rest on disk); actions and states are always read whole."""
     import h5py
 
     path = Path(path)
@@ -81,7 +84,7 @@ def read_demo(path: str | Path, cameras: list[str] | None = None, load_images: b
             missing = [c for c in use if c not in cams]
             if missing:
                 raise UserError(f"{path}: cameras {missing} not in demo (has {cams})")
-            images = {c: np.asarray(f["images"][c]) for c in use} if load_images else {}
+            images = {c: np.asarray(f["images"][c][image_frames or slice(None)]) for c in use} if load_images else {}
             return Demo(env=str(f.attrs["env"]), task=str(f.attrs["task"]), instruction=str(f.attrs["instruction"]),
                         seed=int(f.attrs["seed"]), actions=np.asarray(f["actions"], np.float32),
                         states=np.asarray(f["states"], np.float32), images=images,
