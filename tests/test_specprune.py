@@ -166,6 +166,33 @@ def test_history_is_filled_and_changes_the_kept_set() -> None:
     assert kept[True] != kept[False]
 
 
+def test_random_fill_keeps_the_candidates_and_spreads_the_rest() -> None:
+    """fill="random": the local top-k is kept as with the attention fill, the rest of the budget is a seeded draw."""
+    model, tok = tiny_model()
+    x = inputs(model, tok)
+    opts = dict(budget_coarse=0.25, local_k_coarse=0.05, use_history=False, dynamic=False)
+    kept: dict[str, set[int]] = {}
+    local: set[int] = set()
+    for fill in ("attention", "random"):
+        pr = make_pruner(model, "specprune", fill=fill, row_scores=False, **opts)
+        rec = Recorder(pr)
+        _, ctx = step(model, rec, x, {}, 0)
+        kept[fill] = kept_after_static(rec, pr.cfg.prune_layer)
+        assert len(kept[fill]) == 32 and ctx.extra["info"]["prune_local_k"] == 6  # 3 per camera
+        if fill == "attention":  # no reference frame yet: everything ranks by this step's attention
+            from vla_runtime.kernels import attention_importance_torch
+            text_rows = (rec.log[0]["kinds"][0] == KIND_TEXT).nonzero().squeeze(1)
+            imp = attention_importance_torch(ctx.attentions[0], text_rows, (1, 129))[0]
+            local = set(pr._per_camera_topk(imp[None], 3)[0].nonzero().squeeze(1).tolist())
+            assert kept[fill] == set(imp.topk(32).indices.tolist())
+    assert local <= kept["random"] and kept["random"] != kept["attention"]
+    again = Recorder(make_pruner(model, "specprune", fill="random", row_scores=False, **opts))
+    step(model, again, x, {}, 0)
+    assert kept_after_static(again, 1) == kept["random"]  # a fresh episode replays the same draw
+    with pytest.raises(UserError, match="fill"):
+        make_pruner(model, "specprune", fill="uniform")
+
+
 def test_frame_difference_keeps_changed_patches_first() -> None:
     model, tok = tiny_model()
     pr = make_pruner(model, "specprune", use_local=False, use_history=False, dynamic=False, budget_coarse=0.25,

@@ -106,6 +106,9 @@ class SpecPruneConfig:
     budget_coarse: float = 0.3  # visual tokens kept at prune_layer, coarse mode (training drops keep 30-50 %)
     budget_fine: float = 0.5  # ... fine mode (gentle)
     budget: float = 0.25  # baselines: fixed budget (no controller)
+    fill: str = "attention"  # what fills the budget after the local/history/changed candidates: "attention"
+    # (this step's layer-0 attention rank, the paper's choice) or "random" (a per-episode seeded draw: a spread-out
+    # subset, which models trained with random token drops have seen; SPECPRUNE.md "Session 11")
     local_k_coarse: float = 0.06  # local top-k per camera (fraction of the camera's patches), coarse
     local_k_fine: float = 0.10  # ... fine
     history_k: float = 0.06  # history top-k per camera
@@ -145,6 +148,8 @@ class SpecPruneConfig:
         for k in ("local_k_coarse", "local_k_fine", "history_k"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise UserError(f"SpecPrune {k} must be in [0, 1], got {getattr(self, k)}")
+        if self.fill not in ("attention", "random"):
+            raise UserError(f"SpecPrune fill must be 'attention' or 'random', got {self.fill!r}")
         if not 0.0 <= self.sim_threshold <= 1.0:
             raise UserError(f"SpecPrune sim_threshold must be in [0, 1], got {self.sim_threshold}")
         if self.prune_layer < 0:
@@ -533,10 +538,7 @@ class SpecPrunePruner:
                 sc["score"] = self._ema_init(ctx, start, stop)
         sim = sc.get("sim")
         if c.variant == "random":
-            st = self.state(ctx.memory)
-            if st["rng"] is None:
-                st["rng"] = torch.Generator().manual_seed(c.seed)
-            prio = torch.rand(B, n, generator=st["rng"]).to(dev)
+            prio = self._draw(ctx, B, n, dev)
         elif c.variant == "fastv":
             assert local is not None
             prio = local.float()
@@ -544,7 +546,8 @@ class SpecPrunePruner:
             prio = (1.0 - sim) if sim is not None else torch.rand(B, n, generator=torch.Generator().manual_seed(
                 c.seed)).to(dev)
         else:
-            prio = self._specprune_priority(sc, local, sim, B, n, dev)
+            rand = self._draw(ctx, B, n, dev) if c.fill == "random" else None
+            prio = self._specprune_priority(sc, local, sim, B, n, dev, rand)
         keep_vis = prio.float().topk(k, dim=1).indices.sort(dim=1).values  # (B, k) into the visual span
         info = sc["info"]
         info.update(prune_budget=k, visual_kept_static=k)
@@ -553,9 +556,20 @@ class SpecPrunePruner:
             info["prune_static_patches"] = int(static[0].sum())
         return self._full_indices(ctx, start, stop, keep_vis)
 
+    def _draw(self, ctx: StepContext, B: int, n: int, dev: torch.device) -> torch.Tensor:
+        """Uniform (B, n) from the episode's generator (seeded by cfg.seed at the first inference: reproducible)."""
+        st = self.state(ctx.memory)
+        if st["rng"] is None:
+            st["rng"] = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.rand(B, n, generator=st["rng"]).to(dev)
+
     def _specprune_priority(self, sc: dict[str, Any], local: torch.Tensor | None, sim: torch.Tensor | None,
-                            B: int, n: int, dev: torch.device) -> torch.Tensor:
-        """Tiered priority (B, n): 3 + s local top-k, 2 + s history top-k, 1 + s changed, s static, s in [0, 1)."""
+                            B: int, n: int, dev: torch.device, rand: torch.Tensor | None = None) -> torch.Tensor:
+        """Tiered priority (B, n): 3 + s local top-k, 2 + s history top-k, 1 + s changed, s static, s in [0, 1).
+
+        `rand` (fill="random"): s of the tokens that no signal ranks (static ones, or all non-picks while there is
+        no reference frame) is this draw instead of the attention rank.
+        """
         c = self.cfg
         mode = sc["mode"]
         info = sc["info"]
@@ -588,6 +602,9 @@ class SpecPrunePruner:
                 n_local = int(sel[0].sum())
         info.update(prune_local_k=n_local, prune_history_k=n_hist,
                     prune_candidates=int((tier[0] >= 1).sum()))
+        if rand is not None:
+            unranked = tier < (1.0 if c.use_framediff and sim is not None else 2.0)
+            fill = torch.where(unranked, rand, fill)
         return tier + fill.clamp(0.0, 0.999)
 
     def _per_camera_topk(self, score: torch.Tensor, k: int) -> torch.Tensor:
