@@ -158,6 +158,24 @@ def test_takeover_after_flag_parse_errors():
             _int_pair(bad, "--takeover-after")
 
 
+def test_schedule_puts_every_tasks_needed_seeds_before_the_spare_ones():
+    """One worker runs jobs in order and is stopped when every task is complete: the spare seeds (for expected
+    failures) must come last, or it records spares of early tasks while later ones still need demos."""
+    from vla_runtime.train.collect import CollectConfig, _schedule
+
+    cfg = CollectConfig(env="dummy:reach", episodes=3, out="x", seed=100)
+    jobs, have = _schedule(cfg, ["a", "b", "c"], {("b", 10_100): True, ("b", 10_101): False})
+    assert have == {"a": 0, "b": 1, "c": 0}
+    first = jobs[:8]  # a needs 3, b 2, c 3
+    assert [t for t, _ in first] == ["a"] * 3 + ["b"] * 2 + ["c"] * 3
+    assert first[:3] == [("a", 100), ("a", 101), ("a", 102)] and first[3:5] == [("b", 10_102), ("b", 10_103)]
+    spare = jobs[8:]
+    assert spare and {t for t, _ in spare} == {"a", "b", "c"} and not set(spare) & set(first)
+    assert len(jobs) == len(set(jobs))
+    done, _ = _schedule(cfg, ["a"], {("a", 100 + i): True for i in range(3)})
+    assert done == []
+
+
 def test_collect_schedules_more_rounds_until_the_attempt_budget(tmp_path):
     """When more seeds fail than the first round's margin covers, collect keeps scheduling until the budget is
     spent. Here the driving policy (the expert itself) always succeeds before the switch, so no seed gives a demo."""

@@ -200,23 +200,35 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     return {"demos": have, "attempts": attempts, "successes": successes, "short": short, "out": str(out)}
 
 
-def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bool,
-                   max_steps: int | None) -> tuple[int, int, dict[str, int]]:
-    """Schedule and run one round of seeds; returns (attempts, successes, demos per task)."""
-    attempted = _attempted(out)
+def _schedule(cfg: CollectConfig, tasks: list[str], attempted: dict[tuple[str, int], bool]
+              ) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """This round's (task, seed) jobs and the demos each task has. Each task gets its own seed range, so adding
+    tasks later never changes another task's seeds. Beyond the seeds a task still needs, a few extra ones are
+    scheduled for expected failures; they come after every task's needed seeds, so that a worker does not spend
+    them on a task that already has its demos while another task waits (the coordinator stops the workers once
+    every task is complete)."""
     budget = int(np.ceil(cfg.episodes * cfg.max_attempts_factor))
-    # Each task gets its own seed range so that adding tasks later never changes another task's seeds.
-    jobs: list[tuple[str, int]] = []
+    needed: list[tuple[str, int]] = []
+    extra: list[tuple[str, int]] = []
     have: dict[str, int] = {}
     for ti, task in enumerate(tasks):
         base = cfg.seed + ti * 10_000
-        got = sum(1 for (t, s), ok in attempted.items() if t == task and ok)
-        have[task] = got
-        need = cfg.episodes - got
+        have[task] = sum(1 for (t, _s), ok in attempted.items() if t == task and ok)
+        need = cfg.episodes - have[task]
+        if need <= 0:
+            continue
         tried = sum(1 for (t, _s) in attempted if t == task)
         seeds = [base + i for i in range(budget) if (task, base + i) not in attempted]
-        # Speculatively schedule a few extra seeds for expected failures; the main loop stops early.
-        jobs += [(task, s) for s in seeds[: max(0, min(len(seeds), budget - tried, int(need * 1.15) + 2))]] if need > 0 else []
+        n = max(0, min(len(seeds), budget - tried, int(need * 1.15) + 2))
+        needed += [(task, s) for s in seeds[:min(n, need)]]
+        extra += [(task, s) for s in seeds[min(n, need):n]]
+    return needed + extra, have
+
+
+def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bool,
+                   max_steps: int | None) -> tuple[int, int, dict[str, int]]:
+    """Schedule and run one round of seeds; returns (attempts, successes, demos per task)."""
+    jobs, have = _schedule(cfg, tasks, _attempted(out))
     if not jobs:
         return 0, 0, have
     # Round-robin over workers, grouped by task so each worker builds few envs.
