@@ -231,7 +231,8 @@ def _collect_round(cfg: CollectConfig, tasks: list[str], out: Path, progress: bo
     jobs, have = _schedule(cfg, tasks, _attempted(out))
     if not jobs:
         return 0, 0, have
-    # Round-robin over workers, grouped by task so each worker builds few envs.
+    # Round-robin over workers; jobs stay in schedule order (each task's seeds contiguous within the needed and the
+    # spare part), so a worker switches tasks rarely.
     shards: list[list[tuple[str, int]]] = [[] for _ in range(cfg.workers)]
     for i, job in enumerate(jobs):
         shards[i % cfg.workers].append(job)
