@@ -183,6 +183,67 @@ def test_train_with_the_early_exit_loss_logs_shallow_layers(tmp_path: Path) -> N
                   exit_loss=0.3, exit_loss_layers=[99])
 
 
+def test_grasp_place_targets_find_the_first_close_and_the_end() -> None:
+    from vla_runtime.train.train_vla import grasp_place_targets
+
+    states = np.arange(30, dtype=np.float32).reshape(10, 3)
+    states = np.concatenate([states, np.zeros((10, 5), np.float32)], 1)
+    acts = np.zeros((10, 7), np.float32)
+    acts[:, 6] = [-1, -1, -1, 1, 1, -1, 1, 1, 1, 1]  # closes at 3 (the re-grasp at 6 is not the grasp)
+    tgt, mask = grasp_place_targets(acts, states)
+    assert mask.tolist() == [True, True]
+    np.testing.assert_array_equal(tgt, np.concatenate([states[3, :3], states[9, :3]]))
+    acts[:, 6] = 1.0  # a takeover demo that starts holding the object: no grasp target, the end is known
+    tgt, mask = grasp_place_targets(acts, states)
+    assert mask.tolist() == [False, True] and np.all(tgt[:3] == 0)
+    acts[:, 6] = -1.0  # never closes
+    assert grasp_place_targets(acts, states)[1].tolist() == [False, True]
+
+
+def test_train_aux_loss_logs_trains_its_head_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--aux-loss: the log gets aux_l1, the head's weights live in train_state (not in the shipped weights) and
+    come back on resume; resuming without the flag (or adding it later) is refused, not silently misaligned."""
+    from safetensors.torch import load_file
+
+    from vla_runtime.train.train_vla import AuxTargetHead, DemoFrames, export_checkpoint, train_vla
+    from vla_runtime.train.demos import list_demos
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data, n=3)
+    frames = DemoFrames(list_demos(data))
+    assert frames.aux_targets.shape == (3, 6) and frames.aux_masks[:, 1].all()
+    frames.close()
+    out = tmp_path / "ck"
+    train_vla([data], out, steps=2, batch_size=2, save_every=2, log_every=1, config=dict(TINY), progress=False,
+              aux_loss=0.5)
+    recs = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert all("aux_l1" in r and np.isfinite(r["aux_l1"]) for r in recs)
+    # the total is the action L1 plus the weighted aux L1
+    assert recs[-1]["loss"] == pytest.approx(recs[-1]["l1"] + 0.5 * recs[-1]["aux_l1"], rel=1e-4)
+    state = load_file(str(out / "train_state.safetensors"))
+    aux1 = {k: v.clone() for k, v in state.items() if k.startswith("aux.")}
+    assert set(aux1) == {f"aux.{k}" for k in AuxTargetHead(32).state_dict()}
+    assert not any(k.startswith("aux") for k in load_file(str(out / "model.safetensors")))
+    loaded: list[dict[str, torch.Tensor]] = []
+    real_load = AuxTargetHead.load_state_dict
+    monkeypatch.setattr(AuxTargetHead, "load_state_dict",
+                        lambda self, sd, *a, **k: (loaded.append(dict(sd)), real_load(self, sd, *a, **k))[1])
+    train_vla([data], out, steps=4, batch_size=2, save_every=2, log_every=1, progress=False, aux_loss=0.5)
+    assert len(loaded) == 1 and all(torch.equal(loaded[0][k[4:]], v) for k, v in aux1.items())
+    aux2 = {k: v for k, v in load_file(str(out / "train_state.safetensors")).items() if k.startswith("aux.")}
+    assert any(not torch.equal(aux1[k], aux2[k]) for k in aux1)  # the head kept training from its saved weights
+    with pytest.raises(UserError, match="--aux-loss"):
+        train_vla([data], out, steps=6, batch_size=2, progress=False)
+    plain = tmp_path / "plain"
+    train_vla([data], plain, steps=1, batch_size=2, config=dict(TINY), progress=False)
+    with pytest.raises(UserError, match="--aux-loss"):
+        train_vla([data], plain, steps=2, batch_size=2, progress=False, aux_loss=0.5)
+    with pytest.raises(UserError, match="--aux-loss"):
+        train_vla([data], tmp_path / "neg", steps=1, progress=False, aux_loss=-1.0)
+    shipped = export_checkpoint(out, tmp_path / "ship")
+    assert load_vla_policy(shipped) is not None
+
+
 def test_train_shift_off_and_bad_shift(tmp_path: Path) -> None:
     from vla_runtime.train.train_vla import random_shift, train_vla
 

@@ -66,6 +66,9 @@ class DemoFrames:
         self.cameras = cams
         self.index = np.array([(i, t) for i, a in enumerate(self.actions) for t in range(len(a))], np.int64)
         self._h5: dict[int, Any] = {}
+        targets = [grasp_place_targets(a, s) for a, s in zip(self.actions, self.states)]
+        self.aux_targets = np.stack([t for t, _ in targets]) if targets else np.zeros((0, 6), np.float32)
+        self.aux_masks = np.stack([m for _, m in targets]) if targets else np.zeros((0, 2), bool)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -94,6 +97,52 @@ class DemoFrames:
         self._h5.clear()
 
 
+def grasp_place_targets(actions: np.ndarray, states: np.ndarray, gripper_dim: int = -1,
+                        pos_dims: tuple[int, int, int] = (0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:
+    """Where a demo grasps and where it ends: (6,) = end-effector xyz at the first gripper close, xyz at the last
+    frame; mask (2,) says which of the two are known.
+
+    These are the auxiliary targets of `--aux-loss`: a policy that predicts them from the first frame on must find
+    the instruction's object (and the place target) in its images, which the proprio state cannot tell it. The
+    close is the first frame whose gripper command turns positive after a negative one; a demo that starts with
+    the gripper closed (a takeover after the grasp) or never closes it has no grasp target.
+    """
+    g = np.asarray(actions)[:, gripper_dim]
+    pos = np.asarray(states)[:, list(pos_dims)].astype(np.float32)
+    out = np.zeros(6, np.float32)
+    mask = np.zeros(2, bool)
+    opened = np.nonzero(g < 0)[0]
+    if len(opened):
+        closes = np.nonzero(g[opened[0]:] > 0)[0]
+        if len(closes):
+            out[:3] = pos[opened[0] + closes[0]]
+            mask[0] = True
+    if len(pos):
+        out[3:] = pos[-1]
+        mask[1] = True
+    return out, mask
+
+
+class AuxTargetHead(nn.Module):
+    """Training-only head: mean of the action queries' final hidden states -> grasp and end xyz (normalised).
+
+    It is not part of the shipped model (inference never reads it); its weights live in the run's train_state.
+    """
+
+    def __init__(self, hidden: int, n_out: int = 6) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+    def forward(self, suffix: torch.Tensor) -> torch.Tensor:
+        return self.net(suffix.float().mean(1))
+
+    @staticmethod
+    def loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L1 over the known targets; pred/target (B, 6), mask (B, 2) bool (grasp, end)."""
+        m = mask.float().repeat_interleave(3, dim=1)
+        return ((pred.float() - target.float()).abs() * m).sum() / m.sum().clamp_min(1.0)
+
+
 def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """x (N, 3, H, W): replicate-pad by `pad` and crop back at a random offset per image."""
     if pad <= 0:
@@ -119,7 +168,13 @@ def make_batch(data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordToke
     amask = np.zeros((B, cfg.chunk_size), bool)
     text = np.full((B, T), tok.pad_id, np.int64)
     tvalid = np.zeros((B, T), bool)
+    aux = np.zeros((B, 6), np.float32)
+    aux_mask = np.zeros((B, 2), bool)
+    pos_norm = Normalizer(state_norm.lo[:3], state_norm.hi[:3])
     for b, (i, t) in enumerate(data.index[rows]):
+        tgt = data.aux_targets[i]
+        aux[b] = np.concatenate([pos_norm.normalize(tgt[:3]), pos_norm.normalize(tgt[3:])])
+        aux_mask[b] = data.aux_masks[i]
         a = data.actions[i]
         states[b] = state_norm.normalize(data.states[i][t])
         seg = a[t:t + cfg.chunk_size]
@@ -131,7 +186,8 @@ def make_batch(data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordToke
         tvalid[b, :len(ids)] = True
     return {"images": x, "state": torch.from_numpy(states), "text_ids": torch.from_numpy(text),
             "text_valid": torch.from_numpy(tvalid), "actions": torch.from_numpy(acts).clamp(-1, 1),
-            "action_mask": torch.from_numpy(amask)}
+            "action_mask": torch.from_numpy(amask), "aux_target": torch.from_numpy(aux),
+            "aux_mask": torch.from_numpy(aux_mask)}
 
 
 # ---- optimizer state <-> safetensors (no pickle) -------------------------------------------------------------
@@ -190,7 +246,7 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
               drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
               progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0,
               init_from: str | Path | None = None, exit_loss: float = 0.0,
-              exit_loss_layers: Sequence[int] | None = None) -> dict[str, Any]:
+              exit_loss_layers: Sequence[int] | None = None, aux_loss: float = 0.0) -> dict[str, Any]:
     """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
 
     ema_decay > 0 keeps an exponential moving average of the weights (decay warmed up as min(decay,
@@ -209,6 +265,12 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
 
     exit_loss > 0 (AR mode): add the early-exit loss (`VLAModel.forward_train`) at exit_loss_layers (default:
     every layer but the last), so early-exit decoding can stop shallower; the log gets exit_ce and acc_l<i>.
+
+    aux_loss > 0: add w * L1 of a training-only head (`AuxTargetHead`) that predicts, from the action queries'
+    final hidden states, where the demo grasps and where it ends (`grasp_place_targets`, end-effector xyz
+    normalised like the proprio state). A target the proprio state cannot give away at the start of an episode,
+    so the model must localise the instruction's object in its images; the log gets aux_l1. The head's weights
+    are kept in train_state ("aux.*") and never shipped.
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -217,6 +279,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         raise UserError(f"--shift must be >= 0 pixels, got {shift}")
     if exit_loss < 0:
         raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
+    if aux_loss < 0:
+        raise UserError(f"--aux-loss must be >= 0, got {aux_loss}")
     if exit_loss > 0 and mode != "ar":
         raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
     torch.set_num_threads(threads)
@@ -271,15 +335,24 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         print(json.dumps({"event": "init_from", "src": str(init_from), "copied": len(model.state_dict()) - len(fresh),
                           "fresh": fresh}), flush=True)
     model.train()
+    aux_head = AuxTargetHead(model.hidden) if aux_loss > 0 else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if aux_head is not None:  # last, so the model's parameter ids in the optimiser state do not move
+        groups.append({"params": list(aux_head.parameters()), "weight_decay": weight_decay})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     step = 0
     ema: dict[str, torch.Tensor] | None = None
     ema_n = 0
     if resuming:
         state = load_file(str(out / "train_state.safetensors"))
+        aux_sd = {k[4:]: v for k, v in state.items() if k.startswith("aux.")}
+        if aux_head is not None and aux_sd:
+            aux_head.load_state_dict(aux_sd)
+        elif aux_head is not None or aux_sd:  # the optimiser state would not line up with the parameters
+            raise UserError(f"{out}: resumed with{'out' if aux_head is None else ''} --aux-loss, the run was trained "
+                            f"with{'' if aux_head is None else 'out'} it; pass the same --aux-loss as before")
         step = load_optimizer_tensors(opt, state)
         raw = {k[4:]: v for k, v in state.items() if k.startswith("raw.")}
         if ema_decay > 0:  # model.safetensors holds the EMA when the run kept one, else the raw weights
@@ -295,6 +368,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
 
     def save(at: int) -> None:
         extra = optimizer_tensors(opt, at)
+        if aux_head is not None:
+            extra.update({f"aux.{n}": t.detach().clone() for n, t in aux_head.state_dict().items()})
         if ema is None:
             save_checkpoint(model, tok, stats, out, extra_state=extra)
             return
@@ -337,13 +412,20 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         cur_lr = lr_at(step, steps, lr, warmup)
         for g in opt.param_groups:
             g["lr"] = cur_lr
+        aux_fn = None
+        if aux_head is not None:
+            def aux_fn(suf: torch.Tensor, b: dict[str, torch.Tensor] = batch) -> tuple[torch.Tensor, dict[str, float]]:
+                assert aux_head is not None
+                l1 = AuxTargetHead.loss(aux_head(suf), b["aux_target"], b["aux_mask"])
+                return aux_loss * l1, {"aux_l1": float(l1.detach())}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, metrics = model.forward_train(batch["images"], batch["state"], batch["text_ids"],
                                                 batch["text_valid"], batch["actions"], batch["action_mask"],
-                                                pruner=pruner, exit_loss_layers=ee_layers, exit_loss_weight=exit_loss)
+                                                pruner=pruner, exit_loss_layers=ee_layers, exit_loss_weight=exit_loss,
+                                                aux=aux_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gn = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         step += 1
         if ema is not None:
@@ -462,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--exit-loss", type=float, default=0.0,
                    help="AR: weight of the early-exit loss (CE of every shallow layer's logits, LayerSkip-style)")
     p.add_argument("--exit-loss-layers", default=None, help="comma-separated layers (default: all but the last)")
+    p.add_argument("--aux-loss", type=float, default=0.0,
+                   help="weight of the auxiliary grasp/end-position loss (a training-only head; makes the model "
+                        "find the instruction's object in its images)")
     p.add_argument("--export", default=None, help="only export --out as a bf16 shipping checkpoint to this dir")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -474,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
                     ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None,
-                    shift=a.shift, exit_loss=a.exit_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
+                    shift=a.shift, exit_loss=a.exit_loss, aux_loss=a.aux_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
                     if a.exit_loss_layers else None)
     print(json.dumps({"event": "done", **res}), flush=True)
 

@@ -18,7 +18,7 @@ are only returned by the "eager" implementation, so layers whose attention a str
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -547,8 +547,13 @@ class VLAModel(nn.Module):
     def forward_train(self, images: torch.Tensor, state: torch.Tensor, text_ids: torch.Tensor,
                       text_valid: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor,
                       pruner: TokenPruner | None = None, exit_loss_layers: Sequence[int] = (),
-                      exit_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      exit_loss_weight: float = 0.0,
+                      aux: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for a batch. actions (B, chunk, A) normalised to [-1, 1]; action_mask (B, chunk) bool.
+
+        aux: an auxiliary objective on the suffix tokens' final hidden states (B, n_suffix, D) -> (weighted loss,
+        metrics), added to the action loss (e.g. the training-only object-position head of `train_vla --aux-loss`).
 
         AR mode with `exit_loss_layers` and `exit_loss_weight` w > 0 (an early-exit loss, as in LayerSkip):
         loss = CE(final) + w * mean over those layers l of CE(head(norm(h_l))), the logits early exit reads at
@@ -571,10 +576,12 @@ class VLAModel(nn.Module):
             tap = HiddenTap(exit_loss_layers, cfg.n_suffix)
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=tap)
         suf = out[:, -cfg.n_suffix:]  # suffix tokens are never dropped and come last
+        aux_loss, aux_metrics = aux(suf) if aux is not None else (None, {})
         if cfg.mode == "parallel":
             pred = self.head(suf)
             loss = ParallelActionHead.loss(pred, actions, action_mask)
-            return loss, {"l1": float(loss.detach())}
+            metrics = {"l1": float(loss.detach()), **aux_metrics}
+            return (loss if aux_loss is None else loss + aux_loss), metrics
         assert target_bins is not None
         logits = self.head(suf)  # (B, chunk*A, n_bins)
         tok_mask = action_mask[:, :, None].expand(-1, -1, cfg.action_dim).reshape(B, -1)
@@ -585,7 +592,9 @@ class VLAModel(nn.Module):
             with torch.no_grad():
                 return float(((lg.argmax(-1) == target_bins).float() * tok_mask).sum() / n_tok)
 
-        metrics = {"ce": float(loss.detach()), "token_acc": token_acc(logits)}
+        metrics = {"ce": float(loss.detach()), "token_acc": token_acc(logits), **aux_metrics}
+        if aux_loss is not None:
+            loss = loss + aux_loss
         if tap is not None:
             exit_ces = []
             for l in sorted(tap.hidden):
