@@ -429,8 +429,25 @@ def test_early_exit_loss_is_the_shallow_layers_token_ce() -> None:
     assert not torch.allclose(m.decoder.layers[0].mlp.down_proj.weight.grad, g0)
     with pytest.raises(UserError, match="layers must be in"):
         m.forward_train(**b, exit_loss_layers=(m.n_layers - 1,), exit_loss_weight=0.5)
-    with pytest.raises(UserError, match="AR mode"):
-        make_model("llama", mode="parallel").forward_train(**batch(m.cfg), exit_loss_layers=(0,), exit_loss_weight=1.0)
+
+
+def test_parallel_early_exit_loss_is_the_shallow_layers_chunk_l1() -> None:
+    """Parallel mode: loss = L1(final) + w * mean_l L1(head(norm(h_l))), the chunk parallel-mode early exit decodes
+    after layer l, checked against a forward stopped after layer 0 by hand."""
+    m = make_model("llama", mode="parallel", attn="sdpa").train()
+    b = batch(m.cfg)
+    _, mb = m.forward_train(**b)
+    loss, me = m.forward_train(**b, exit_loss_layers=(0,), exit_loss_weight=0.5)
+    assert me["l1"] == pytest.approx(mb["l1"]) and "exit_ce" not in me
+    B = b["images"].shape[0]
+    prefix = m.embed_prefix(b["images"], b["state"], b["text_ids"])
+    h = torch.cat([prefix, m.suffix_inputs(B, prefix.dtype)], 1)
+    pos, kinds, valid = m.layout(B, b["text_valid"], h.device)
+    out, _ = m.forward_layers(h, pos, kinds, valid, exit_policy=_StopAfter(0))
+    l1_0 = float(ParallelActionHead.loss(m.head(out[:, -m.cfg.n_suffix:]), b["actions"], b["action_mask"]).detach())
+    assert me["l1_l0"] == pytest.approx(l1_0, rel=1e-4) and me["exit_l1"] == pytest.approx(l1_0, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(mb["l1"] + 0.5 * l1_0, rel=1e-4)
+    assert l1_0 != pytest.approx(mb["l1"], rel=1e-3)  # layer 0's chunk is not the final one
 
 
 class _StopAfter(NoExit):

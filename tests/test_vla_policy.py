@@ -175,9 +175,13 @@ def test_train_with_the_early_exit_loss_logs_shallow_layers(tmp_path: Path) -> N
                   progress=False, exit_loss=0.3, exit_loss_layers=[0])
     rec = json.loads((tmp_path / "ar" / "loss_log.jsonl").read_text().splitlines()[-1])
     assert r["step"] == 2 and "exit_ce" in rec and "acc_l0" in rec and np.isfinite(rec["exit_ce"])
-    with pytest.raises(UserError, match="--mode ar"):
-        train_vla([data], tmp_path / "par", mode="parallel", steps=1, config=dict(TINY), progress=False,
-                  exit_loss=0.3)
+    # parallel mode: the chunk decoded from each shallow layer gets an L1 term
+    r = train_vla([data], tmp_path / "par", mode="parallel", steps=2, batch_size=2, log_every=1, config=dict(TINY),
+                  progress=False, exit_loss=0.5, exit_loss_layers=[0, 1])
+    rec = json.loads((tmp_path / "par" / "loss_log.jsonl").read_text().splitlines()[-1])
+    assert {"exit_l1", "l1_l0", "l1_l1"} <= set(rec) and "exit_ce" not in rec
+    assert rec["exit_l1"] == pytest.approx((rec["l1_l0"] + rec["l1_l1"]) / 2, rel=1e-4)
+    assert rec["loss"] == pytest.approx(rec["l1"] + 0.5 * rec["exit_l1"], rel=1e-4)
     with pytest.raises(UserError, match="exit-loss-layers must be in"):
         train_vla([data], tmp_path / "ar2", mode="ar", steps=1, config=dict(TINY), progress=False,
                   exit_loss=0.3, exit_loss_layers=[99])

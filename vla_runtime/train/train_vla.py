@@ -263,8 +263,9 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     mode, or an AR run that starts from a parallel run's vision tower, projectors and decoder (only the action
     head and the action-slot embeddings start fresh). The optimiser starts fresh.
 
-    exit_loss > 0 (AR mode): add the early-exit loss (`VLAModel.forward_train`) at exit_loss_layers (default:
-    every layer but the last), so early-exit decoding can stop shallower; the log gets exit_ce and acc_l<i>.
+    exit_loss > 0: add the early-exit loss (`VLAModel.forward_train`) at exit_loss_layers (default: every layer
+    but the last), so early-exit decoding can stop shallower; the log gets exit_ce and acc_l<i> (AR: the shallow
+    layers' action-token logits) or exit_l1 and l1_l<i> (parallel: the chunk decoded from a shallow layer).
 
     aux_loss > 0: add w * L1 of a training-only head (`AuxTargetHead`) that predicts, from the action queries'
     final hidden states, where the demo grasps and where it ends (`grasp_place_targets`, end-effector xyz
@@ -281,8 +282,6 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
     if aux_loss < 0:
         raise UserError(f"--aux-loss must be >= 0, got {aux_loss}")
-    if exit_loss > 0 and mode != "ar":
-        raise UserError("--exit-loss needs --mode ar (it trains the action-token logits of shallow layers)")
     torch.set_num_threads(threads)
     out = Path(out_dir)
     files: list[Path] = []
@@ -542,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--shift", type=int, default=8,
                    help="random-shift augmentation: pad by this many pixels and crop back (0 = off)")
     p.add_argument("--exit-loss", type=float, default=0.0,
-                   help="AR: weight of the early-exit loss (CE of every shallow layer's logits, LayerSkip-style)")
+                   help="weight of the early-exit loss (LayerSkip-style: AR, CE of every shallow layer's logits; "
+                        "parallel, L1 of the chunk decoded from every shallow layer)")
     p.add_argument("--exit-loss-layers", default=None, help="comma-separated layers (default: all but the last)")
     p.add_argument("--aux-loss", type=float, default=0.0,
                    help="weight of the auxiliary grasp/end-position loss (a training-only head; makes the model "

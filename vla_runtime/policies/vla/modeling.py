@@ -555,9 +555,11 @@ class VLAModel(nn.Module):
         aux: an auxiliary objective on the suffix tokens' final hidden states (B, n_suffix, D) -> (weighted loss,
         metrics), added to the action loss (e.g. the training-only object-position head of `train_vla --aux-loss`).
 
-        AR mode with `exit_loss_layers` and `exit_loss_weight` w > 0 (an early-exit loss, as in LayerSkip):
+        With `exit_loss_layers` and `exit_loss_weight` w > 0 (an early-exit loss, as in LayerSkip), AR mode:
         loss = CE(final) + w * mean over those layers l of CE(head(norm(h_l))), the logits early exit reads at
-        layer l, so that shallow layers already rank the right bin first and tokens can exit earlier.
+        layer l, so that shallow layers already rank the right bin first and tokens can exit earlier; parallel mode:
+        loss = L1(final) + w * mean over l of L1(head(norm(h_l))), the chunk parallel-mode early exit decodes after
+        layer l (log: exit_l1, l1_l<i>).
         """
         cfg = self.cfg
         B = images.shape[0]
@@ -570,8 +572,6 @@ class VLAModel(nn.Module):
         pos, kinds, valid = self.layout(B, text_valid, h.device)
         tap = None
         if exit_loss_weight > 0 and exit_loss_layers:
-            if cfg.mode != "ar":
-                raise UserError("the early-exit loss is for AR mode (action tokens)")
             self.check_exit_loss_layers(exit_loss_layers)
             tap = HiddenTap(exit_loss_layers, cfg.n_suffix)
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=tap)
@@ -581,7 +581,18 @@ class VLAModel(nn.Module):
             pred = self.head(suf)
             loss = ParallelActionHead.loss(pred, actions, action_mask)
             metrics = {"l1": float(loss.detach()), **aux_metrics}
-            return (loss if aux_loss is None else loss + aux_loss), metrics
+            if aux_loss is not None:
+                loss = loss + aux_loss
+            if tap is not None:  # the chunk that parallel-mode early exit decodes after layer l
+                exit_l1s = []
+                for l in sorted(tap.hidden):
+                    el = ParallelActionHead.loss(self.head(self.decoder.norm(tap.hidden[l])), actions, action_mask)
+                    exit_l1s.append(el)
+                    metrics[f"l1_l{l}"] = float(el.detach())
+                exit_l1 = torch.stack(exit_l1s).mean()
+                metrics["exit_l1"] = float(exit_l1.detach())
+                loss = loss + exit_loss_weight * exit_l1
+            return loss, metrics
         assert target_bins is not None
         logits = self.head(suf)  # (B, chunk*A, n_bins)
         tok_mask = action_mask[:, :, None].expand(-1, -1, cfg.action_dim).reshape(B, -1)
