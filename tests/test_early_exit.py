@@ -359,6 +359,29 @@ def test_parallel_exit_uses_the_exit_layers_chunk() -> None:
     assert f.shape == (1, EE.PARALLEL_FEATURES) and float(f[0, -1]) == 0.5
 
 
+def test_parallel_lone_check_looks_back_one_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check whose layer before was not checked computes that layer's chunk too, so the deltas span one layer
+    (as the predictors are trained) instead of being zeros; the chunk and the exit are unchanged by it."""
+    m = tiny_model("parallel", layers=4)
+    x = inputs(m.cfg)
+    cfg = EarlyExitConfig(online=False)
+    seen: list[torch.Tensor] = []
+    real = EE._mlp_score
+    monkeypatch.setattr(EE, "_mlp_score", lambda f, p: (seen.append(f.clone()), real(f, p))[1])
+    pol = EarlyExitPolicy(m, const_bank(m, -20.0, cfg, layers=[2]), cfg)  # scores ~0: checks, never exits
+    with torch.no_grad():
+        m.predict(*x, exit_policy=pol)
+        h = torch.cat([m.embed_prefix(x[0], x[1], x[2]), m.suffix_inputs(1, torch.float32)], 1)
+        pos, kinds, valid = m.layout(1, x[3], h.device)
+        n = m.cfg.n_suffix
+        s1 = m.forward_layers(h, pos, kinds, valid, exit_policy=_StopAfter(1))[0][:, -n:]
+        s2 = m.forward_layers(h, pos, kinds, valid, exit_policy=_StopAfter(2))[0][:, -n:]
+        ref = EE.parallel_features(m.head(s2).float(), m.head(s1).float(), s2, s1, 2, 4)
+    assert len(seen) == 1 and pol.stats.exit_layers == [4]
+    torch.testing.assert_close(seen[0], ref, rtol=1e-4, atol=1e-5)
+    assert float(seen[0][0, 0]) > 0  # mean |d chunk| over one layer, not the zeros of a first check
+
+
 class _StopAfter:
     attention_layers: frozenset[int] = frozenset()
 

@@ -26,7 +26,8 @@ AR mode (OpenVLA-style action tokens), per generated token:
   * Prefill never exits (every prompt token's KV must exist for the whole chunk).
 
 Parallel mode (OFT-style chunk head): after a scheduled layer the chunk head is run on the final-normed
-hidden state; a per-layer MLP over how much the chunk and the suffix hidden states still change decides whether
+hidden state (and on the layer before's, when that layer was not checked: the deltas always span one layer);
+a per-layer MLP over how much the chunk and the suffix hidden states still change decides whether
 this chunk is within tolerance of the final one (label: max |chunk_l - chunk_final| <= tolerance in normalised
 action units). No LM-head rows exist in this mode, so it uses a torch MLP, not the kernel.
 
@@ -734,7 +735,8 @@ class EarlyExitPolicy:
         L = self.n_layers
         if i == 0:
             self._ensure_device(hidden)
-            self._prev_chunk, self._prev_suffix = None, None
+            self._prev_chunk, self._prev_suffix, self._prev_layer = None, None, -1
+            self._last_raw, self._last_raw_layer = None, -1
             self._check = set(self.offline)
             if self.cfg.online and self.cfg.context_window > 0:
                 recent = list(ctx.memory.get(MEM_PREV_EXITS, []))[-self.cfg.context_window:]
@@ -742,13 +744,20 @@ class EarlyExitPolicy:
         if i == L - 1:
             self._end_parallel(L, ctx)
             return False
-        if i not in self._check or i not in self._params:
-            return False
         n_suf = self.model.cfg.n_suffix
+        if i not in self._check or i not in self._params:
+            self._last_raw, self._last_raw_layer = hidden[:, -n_suf:], i  # a reference: the look-back source
+            return False
         suffix = self.model.decoder.norm(hidden[:, -n_suf:])  # (B, S, D)
         chunk = self.model.head(suffix).float()  # (B, T, A)
+        if i > 0 and self._prev_layer != i - 1 and self._last_raw_layer == i - 1:
+            # look back one layer: the deltas always span one layer, even at the first check of a pass (without
+            # it a lone scheduled layer sees zeros and its predictor cannot tell settled chunks apart)
+            self._prev_suffix = self.model.decoder.norm(self._last_raw)
+            self._prev_chunk = self.model.head(self._prev_suffix).float()
         x = parallel_features(chunk, self._prev_chunk, suffix, self._prev_suffix, i, L)
-        self._prev_chunk, self._prev_suffix = chunk, suffix
+        self._prev_chunk, self._prev_suffix, self._prev_layer = chunk, suffix, i
+        self._last_raw, self._last_raw_layer = hidden[:, -n_suf:], i
         self.stats.checks += 1
         score = _mlp_score(x, self._params[i])  # (B,)
         if bool((score >= self.threshold(i)).all()):

@@ -6,9 +6,9 @@
    online. A recording ExitPolicy keeps every layer's hidden state of each generated token (AR) or of the
    suffix queries (parallel).
 2. Features per (token, layer) with `kernels.exit_features_torch` (AR) / `early_exit.parallel_features`
-   (parallel). The "previous checked layer" of the delta features depends on the online schedule, so each
+   (parallel). AR: the "previous checked layer" of the delta features depends on the online schedule, so each
    sample appears with prev = the layer before, two before, and none (zeros): the predictor sees every gap
-   it meets at inference.
+   it meets at inference. Parallel: inference always looks back one layer, so prev = the layer before.
 3. Labels: AR: argmax over the candidates == the full model's token; parallel: max |chunk_l - chunk_final| <=
    tolerance.
 4. One MLP per layer (Adam 1e-3), a per-layer threshold reaching `target_precision` of *correct exits* (the
@@ -184,7 +184,8 @@ def parallel_samples(model: Any, chunks: list[dict[str, Any]], tolerance: float)
             e = next((i for i in range(L - 1) if bool(ok[i])), L)
             earliest.append(e)
             for i in range(L - 1):
-                variants: list[int | None] = [None] + [i - b for b in (1, 2) if i - b >= 0]
+                # inference looks back one layer at every check (EarlyExitPolicy._after_layer_parallel)
+                variants: list[int | None] = [i - 1] if i > 0 else [None]
                 for pj in variants:
                     x = parallel_features(chunk[i:i + 1], None if pj is None else chunk[pj:pj + 1], suf[i:i + 1],
                                           None if pj is None else suf[pj:pj + 1], i, L)[0]
