@@ -450,6 +450,9 @@ class EarlyExitPolicy:
         # parallel
         self._prev_chunk: torch.Tensor | None = None
         self._prev_suffix: torch.Tensor | None = None
+        self._prev_layer = -1  # the last checked layer of this pass
+        self._last_raw: torch.Tensor | None = None  # the suffix rows after the last layer seen (look-back source)
+        self._last_raw_layer = -1
         self._layer_kwargs: dict[str, Any] = {}
         if self.mode == "ar":
             self._install_hooks()
