@@ -168,13 +168,12 @@ def make_batch(data: DemoFrames, rows: np.ndarray, cfg: VLAConfig, tok: WordToke
     amask = np.zeros((B, cfg.chunk_size), bool)
     text = np.full((B, T), tok.pad_id, np.int64)
     tvalid = np.zeros((B, T), bool)
-    aux = np.zeros((B, 6), np.float32)
-    aux_mask = np.zeros((B, 2), bool)
+    files = data.index[rows, 0]
+    # grasp and end xyz, normalised like the proprio position dims (grasp_place_targets reads dims 0-2)
     pos_norm = Normalizer(state_norm.lo[:3], state_norm.hi[:3])
+    aux = pos_norm.normalize(data.aux_targets[files].reshape(B, 2, 3)).reshape(B, 6)
+    aux_mask = data.aux_masks[files]
     for b, (i, t) in enumerate(data.index[rows]):
-        tgt = data.aux_targets[i]
-        aux[b] = np.concatenate([pos_norm.normalize(tgt[:3]), pos_norm.normalize(tgt[3:])])
-        aux_mask[b] = data.aux_masks[i]
         a = data.actions[i]
         states[b] = state_norm.normalize(data.states[i][t])
         seg = a[t:t + cfg.chunk_size]
