@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -374,3 +375,66 @@ def test_train_init_from_parallel_starts_ar_from_its_trunk(tmp_path: Path, caplo
             h["actions"] = act[:, :6]
     with pytest.raises(UserError, match="state/action dims"):
         train_vla([other], tmp_path / "bad", steps=1, progress=False, init_from=src)
+
+
+def test_attention_drop_keeps_the_text_attention_top_and_cuts_by_it(tmp_path: Path) -> None:
+    """The SpecPrune-shaped training drop: half its kept set is the layer-0 text-attention top, the rest a random
+    draw; non-visual tokens always stay; the dynamic cut keeps the best-scored visual tokens, never below floor."""
+    from vla_runtime.policies.vla.modeling import KIND_TEXT, KIND_VISUAL, AttentionVisualDrop
+
+    cfg = VLAConfig(vocab_size=12, **TINY)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = VLAModel(cfg, bos_id=1).eval()
+    B = 2
+    images = torch.rand(B, len(cfg.cameras), 3, 32, 32) * 2 - 1
+    text = torch.randint(2, 12, (B, cfg.max_text_len))
+    valid_text = torch.ones(B, cfg.max_text_len, dtype=torch.bool)
+    with torch.no_grad():
+        h = torch.cat([model.embed_prefix(images, torch.zeros(B, 8), text), model.suffix_inputs(B, torch.float32)], 1)
+        pos, kinds, valid = model.layout(B, valid_text, h.device)
+        nv = int((kinds[0] == KIND_VISUAL).sum())
+        kept: dict[int, torch.Tensor] = {}
+
+        class Rec(AttentionVisualDrop):
+            def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+                idx = super().before_layer(layer_idx, ctx)
+                if idx is not None:
+                    kept[layer_idx] = ctx.positions.gather(1, idx)  # type: ignore[union-attr]
+                if layer_idx == 1:
+                    attn = ctx.attentions[0].float()
+                    kept["imp"] = attn[:, :, ctx.kinds[0] == KIND_TEXT].mean(dim=(1, 2))  # type: ignore[index]
+                return idx
+
+        drop = Rec(1, 0.5, att_frac=0.5, dynamic_layers=(2,), floor=4, generator=torch.Generator().manual_seed(0))
+        _, ctx = model.forward_layers(h, pos, kinds, valid, pruner=drop)
+    k = nv // 2
+    assert ctx.visual_per_layer == [nv, k, math.ceil(k * 0.8)]
+    n_other = h.shape[1] - nv
+    assert ctx.tokens_per_layer == [n_other + v for v in ctx.visual_per_layer]  # only visual tokens dropped
+    vis_pos = pos[0][kinds[0] == KIND_VISUAL]
+    imp = kept["imp"]
+    for b in range(B):
+        top = set(pos[b][imp[b].masked_fill(kinds[b] != KIND_VISUAL, -1).topk(k // 2).indices].tolist())
+        assert top <= set(kept[1][b].tolist())  # the attention top survives the static cut
+        assert top <= set(kept[2][b].tolist())  # and ranks above the random half in the dynamic cut
+        assert set(kept[1][b].tolist()) >= set(pos[b][kinds[b] != KIND_VISUAL].tolist())
+        assert set(kept[1][b].tolist()) - set(vis_pos.tolist()) == set(pos[b][kinds[b] != KIND_VISUAL].tolist())
+    with pytest.raises(UserError):
+        AttentionVisualDrop(1, 0.5, dynamic_layers=(1,))
+    with pytest.raises(UserError):
+        AttentionVisualDrop(0, 0.5)
+
+
+def test_train_with_mixed_drops_logs_both_shapes(tmp_path: Path) -> None:
+    from vla_runtime.train.train_vla import train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    out = tmp_path / "ck"
+    r = train_vla([data], out, steps=8, batch_size=4, save_every=8, log_every=1, config=dict(TINY), progress=False,
+                  drop_prob=1.0, drop_keep=0.5, drop_shape="mixed")
+    assert np.isfinite(r["loss"])
+    shapes = {json.loads(line)["drop_shape"] for line in (out / "loss_log.jsonl").read_text().splitlines()}
+    assert shapes == {"RandomVisualDrop", "AttentionVisualDrop"}
+    with pytest.raises(UserError, match="drop-shape"):
+        train_vla([data], tmp_path / "ck2", steps=1, progress=False, drop_shape="fastv")

@@ -29,7 +29,7 @@ from torch import nn
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
-from vla_runtime.policies.vla.modeling import RandomVisualDrop, VLAModel, count_params
+from vla_runtime.policies.vla.modeling import AttentionVisualDrop, RandomVisualDrop, VLAModel, count_params
 from vla_runtime.policies.vla.policy import Normalizer, load_model, save_checkpoint
 from vla_runtime.policies.vla.tokenizer import TOKENIZER_FILE, WordTokenizer
 from vla_runtime.train.demos import list_demos, read_demo
@@ -238,6 +238,20 @@ def ema_weights(model: nn.Module, ema: dict[str, torch.Tensor] | None) -> Iterat
                 p.copy_(backup[n])
 
 
+DROP_SHAPES = ("random", "attention", "mixed")
+
+
+def make_train_drop(shape: str, layer: int, keep: float, n_layers: int, gen: torch.Generator
+                    ) -> RandomVisualDrop | AttentionVisualDrop:
+    """The pruner of one dropping batch. "mixed" draws attention or random with equal odds from `gen`."""
+    if shape == "mixed":
+        shape = "attention" if float(torch.rand(1, generator=gen)) < 0.5 else "random"
+    if shape == "random":
+        return RandomVisualDrop(layer, keep, generator=gen)
+    dynamic = tuple(l for l in sorted({n_layers * q // 4 for q in (1, 2, 3)}) if layer < l < n_layers)
+    return AttentionVisualDrop(layer, keep, att_frac=0.5, dynamic_layers=dynamic, score_layer=0, generator=gen)
+
+
 def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = "parallel", steps: int = 20000,
               batch_size: int = 16, resume: bool = True, lr: float = 3e-4, weight_decay: float = 0.01,
               warmup: int = 300, save_every: int = 250, log_every: int = 25, seed: int = 0, threads: int = 1,
@@ -245,7 +259,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
               drop_layer: int = 1, val_frac: float = 0.05, config: dict[str, Any] | None = None,
               progress: bool = True, max_minutes: float | None = None, ema_decay: float = 0.0,
               init_from: str | Path | None = None, exit_loss: float = 0.0,
-              exit_loss_layers: Sequence[int] | None = None, aux_loss: float = 0.0) -> dict[str, Any]:
+              exit_loss_layers: Sequence[int] | None = None, aux_loss: float = 0.0,
+              drop_shape: str = "random") -> dict[str, Any]:
     """Train (or continue training) a VLA; returns a summary dict (steps done, last losses, samples/s).
 
     ema_decay > 0 keeps an exponential moving average of the weights (decay warmed up as min(decay,
@@ -254,7 +269,10 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     train_state.safetensors ("raw.*"), so a resumed run continues both. EMA can start on a run that had none.
 
     drop_*: with probability drop_prob a batch keeps only drop_keep of the visual tokens from decoder layer
-    drop_layer on (RandomVisualDrop) - cheaper steps, and robustness to inference-time pruning.
+    drop_layer on - cheaper steps, and robustness to inference-time pruning. drop_shape picks the kept sets:
+    "random" (RandomVisualDrop), "attention" (AttentionVisualDrop: half of them the layer-0 text-attention top,
+    then SpecPrune's dynamic cuts at the quarters of the depth by the same score) or "mixed" (each dropping batch
+    draws one of the two), so a model can be in distribution for an attention-chosen pruner as well as a random one.
 
     init_from: a (shipped) VLA checkpoint to start a new run from (ignored when out_dir holds a run to resume).
     Its architecture, tokenizer and normalisation statistics are kept (`config` may still override fields such
@@ -281,6 +299,8 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         raise UserError(f"--exit-loss must be >= 0, got {exit_loss}")
     if aux_loss < 0:
         raise UserError(f"--aux-loss must be >= 0, got {aux_loss}")
+    if drop_shape not in DROP_SHAPES:
+        raise UserError(f"--drop-shape must be one of {DROP_SHAPES}, got {drop_shape!r}")
     torch.set_num_threads(threads)
     out = Path(out_dir)
     files: list[Path] = []
@@ -406,7 +426,7 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         batch = make_batch(data, rows, cfg, tok, act_norm, state_norm, gen, shift)
         pruner = None
         if drop_prob > 0 and drop_keep < 1.0 and float(torch.rand(1, generator=gen)) < drop_prob:
-            pruner = RandomVisualDrop(drop_layer, drop_keep, generator=gen)
+            pruner = make_train_drop(drop_shape, drop_layer, drop_keep, model.n_layers, gen)
         cur_lr = lr_at(step, steps, lr, warmup)
         for g in opt.param_groups:
             g["lr"] = cur_lr
@@ -438,6 +458,7 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
         if step % log_every == 0 or step == steps:
             now = time.time()
             rec: dict[str, Any] = {"step": step, "lr": cur_lr, "grad_norm": float(gn), "dropped": pruner is not None,
+                                   "drop_shape": type(pruner).__name__ if pruner is not None else None,
                                    "samples_per_s": round(window_n / max(1e-6, now - window_t), 2),
                                    "wall_s": round(now - t_begin, 1), **last}
             window_t, window_n = now, 0
@@ -531,6 +552,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--drop-keep", type=float, default=0.3)
     p.add_argument("--drop-prob", type=float, default=0.75)
+    p.add_argument("--drop-shape", default="random", choices=DROP_SHAPES,
+                   help="kept sets of the dropping batches: random, attention (SpecPrune-shaped) or mixed")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999; 0 = off)")
     p.add_argument("--config", default="{}", help="JSON overrides of VLAConfig fields (new runs only)")
@@ -556,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("--data is required for training")
     res = train_vla(a.data, a.out, mode=a.mode, steps=a.steps, batch_size=a.batch_size, resume=not a.no_resume,
                     lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
-                    drop_prob=a.drop_prob, max_minutes=a.max_minutes, config=json.loads(a.config),
+                    drop_prob=a.drop_prob, drop_shape=a.drop_shape, max_minutes=a.max_minutes, config=json.loads(a.config),
                     ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None,
                     shift=a.shift, exit_loss=a.exit_loss, aux_loss=a.aux_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
                     if a.exit_loss_layers else None)

@@ -18,6 +18,7 @@ are only returned by the "eager" implementation, so layers whose attention a str
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -147,6 +148,73 @@ class RandomVisualDrop:
         n_keep = int((~is_vis[0]).sum()) + k
         idx = score.topk(n_keep, dim=1).indices  # (B, K)
         return idx.sort(dim=1).values
+
+
+class AttentionVisualDrop:
+    """Training-time pruner shaped like SpecPrune's kept sets (SPECPRUNE.md "Session 13").
+
+    Before `layer`, keep `keep_frac` of the visual tokens per sample: the top `att_frac` of that count by the
+    attention they received at layer `score_layer` from the text tokens (heads and rows averaged, as SpecPrune's
+    local score), the rest a random draw (standing in for the history / frame-difference tiers, which this step's
+    attention does not rank). Then before each of `dynamic_layers` keep the top `dynamic_keep` of the remaining
+    visual tokens by the same score, never fewer than `floor`. A model trained on random drops only is in
+    distribution for a random pruner, not for an attention-chosen one; mixing these batches in makes it both.
+    """
+
+    def __init__(self, layer: int, keep_frac: float, att_frac: float = 0.5, dynamic_layers: Sequence[int] = (),
+                 dynamic_keep: float = 0.8, floor: int = 16, score_layer: int = 0,
+                 generator: torch.Generator | None = None) -> None:
+        if not 0.0 < keep_frac <= 1.0:
+            raise UserError(f"keep fraction must be in (0, 1], got {keep_frac}")
+        if not 0.0 <= att_frac <= 1.0 or not 0.0 < dynamic_keep <= 1.0:
+            raise UserError(f"att_frac must be in [0, 1] and dynamic_keep in (0, 1], got {att_frac}, {dynamic_keep}")
+        if score_layer >= layer or any(l <= layer for l in dynamic_layers):
+            raise UserError(f"score layer {score_layer} must come before the drop layer {layer}, and the dynamic "
+                            f"layers {tuple(dynamic_layers)} after it")
+        self.layer, self.keep_frac, self.att_frac, self.gen = layer, keep_frac, att_frac, generator
+        self.dynamic_layers, self.dynamic_keep, self.floor = frozenset(dynamic_layers), dynamic_keep, floor
+        self.score_layer = score_layer
+        self.attention_layers = frozenset({score_layer})
+        self.call_layers = frozenset({layer}) | self.dynamic_layers
+        self._score: torch.Tensor | None = None  # (B, N) importance of the current tokens (non-visual: +inf)
+
+    def _text_to_all(self, ctx: StepContext) -> torch.Tensor:
+        """(B, N) mean attention each current token received from the text tokens at `score_layer`."""
+        attn = ctx.attentions[self.score_layer].detach().float()  # (B, H, Q, N), prefill: Q = N
+        assert ctx.kinds is not None
+        rows = ctx.kinds[0] == KIND_TEXT
+        if not bool(rows.any()):
+            rows = ctx.kinds[0] != KIND_VISUAL
+        return attn[:, :, rows].mean(dim=(1, 2))
+
+    def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
+        assert ctx.kinds is not None
+        is_vis = ctx.kinds == KIND_VISUAL  # (B, N)
+        nv = int(is_vis[0].sum())
+        if layer_idx == self.layer:
+            k = max(1, int(round(nv * self.keep_frac)))
+            k_att = int(round(k * self.att_frac))
+            imp = self._text_to_all(ctx)
+            gdev = self.gen.device if self.gen is not None else is_vis.device
+            rand = torch.rand(is_vis.shape, generator=self.gen, device=gdev).to(is_vis.device)
+            vis_imp = torch.where(is_vis, imp, torch.full_like(imp, -1.0))
+            prio = rand.clone()
+            if k_att > 0:  # the attention top k_att rank above every random draw
+                top = vis_imp.topk(k_att, dim=1).indices
+                prio.scatter_(1, top, 2.0)
+            prio = torch.where(is_vis, prio, torch.full_like(prio, 3.0))  # non-visual always kept
+            idx = prio.topk(int((~is_vis[0]).sum()) + k, dim=1).indices.sort(dim=1).values
+            self._score = torch.where(is_vis, imp, torch.full_like(imp, float("inf"))).gather(1, idx)
+            return idx
+        if layer_idx in self.dynamic_layers and self._score is not None:
+            k = min(nv, max(self.floor, int(math.ceil(nv * self.dynamic_keep))))
+            if k >= nv:
+                return None
+            n_keep = int((~is_vis[0]).sum()) + k
+            idx = self._score.topk(n_keep, dim=1).indices.sort(dim=1).values  # +inf: non-visual kept
+            self._score = self._score.gather(1, idx)
+            return idx
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
