@@ -181,8 +181,8 @@ class AttentionVisualDrop:
     def _text_to_all(self, ctx: StepContext) -> torch.Tensor:
         """(B, N) mean attention each current token received from the text tokens at `score_layer`."""
         attn = ctx.attentions[self.score_layer].detach().float()  # (B, H, Q, N), prefill: Q = N
-        assert ctx.kinds is not None
-        rows = ctx.kinds[0] == KIND_TEXT
+        assert ctx.kinds is not None and ctx.valid is not None
+        rows = (ctx.kinds[0] == KIND_TEXT) & ctx.valid.all(0)  # padded instruction slots do not vote
         if not bool(rows.any()):
             rows = ctx.kinds[0] != KIND_VISUAL
         return attn[:, :, rows].mean(dim=(1, 2))
