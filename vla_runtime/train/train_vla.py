@@ -248,7 +248,9 @@ def make_train_drop(shape: str, layer: int, keep: float, n_layers: int, gen: tor
         shape = "attention" if float(torch.rand(1, generator=gen)) < 0.5 else "random"
     if shape == "random":
         return RandomVisualDrop(layer, keep, generator=gen)
-    dynamic = tuple(l for l in sorted({n_layers * q // 4 for q in (1, 2, 3)}) if layer < l < n_layers)
+    from vla_runtime.policies.vla.specprune import SpecPruneConfig
+
+    dynamic = SpecPruneConfig(prune_layer=layer).resolved_dynamic_layers(n_layers)  # SpecPrune's default cuts
     return AttentionVisualDrop(layer, keep, att_frac=0.5, dynamic_layers=dynamic, score_layer=0, generator=gen)
 
 

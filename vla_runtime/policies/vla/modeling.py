@@ -144,10 +144,14 @@ class RandomVisualDrop:
         # drawn on the generator's device (a CPU generator stays reproducible for a model on the GPU)
         gdev = self.gen.device if self.gen is not None else is_vis.device
         score = torch.rand(is_vis.shape, generator=self.gen, device=gdev).to(is_vis.device)
-        score = torch.where(is_vis, score, torch.full_like(score, 2.0))  # non-visual always kept
-        n_keep = int((~is_vis[0]).sum()) + k
-        idx = score.topk(n_keep, dim=1).indices  # (B, K)
-        return idx.sort(dim=1).values
+        return keep_top_visual(score, is_vis, k)
+
+
+def keep_top_visual(prio: torch.Tensor, is_vis: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, n_other + k), ascending, into the current tokens: every non-visual token and the k visual
+    tokens with the highest `prio` (B, N) per sample (what the training-time drops return from `before_layer`)."""
+    prio = torch.where(is_vis, prio, torch.full_like(prio, float("inf")))  # non-visual always kept
+    return prio.topk(int((~is_vis[0]).sum()) + k, dim=1).indices.sort(dim=1).values
 
 
 class AttentionVisualDrop:
@@ -176,7 +180,7 @@ class AttentionVisualDrop:
         self.score_layer = score_layer
         self.attention_layers = frozenset({score_layer})
         self.call_layers = frozenset({layer}) | self.dynamic_layers
-        self._score: torch.Tensor | None = None  # (B, N) importance of the current tokens (non-visual: +inf)
+        self._score: torch.Tensor | None = None  # (B, N) importance of the current tokens
 
     def _text_to_all(self, ctx: StepContext) -> torch.Tensor:
         """(B, N) mean attention each current token received from the text tokens at `score_layer`."""
@@ -196,22 +200,18 @@ class AttentionVisualDrop:
             k_att = int(round(k * self.att_frac))
             imp = self._text_to_all(ctx)
             gdev = self.gen.device if self.gen is not None else is_vis.device
-            rand = torch.rand(is_vis.shape, generator=self.gen, device=gdev).to(is_vis.device)
-            vis_imp = torch.where(is_vis, imp, torch.full_like(imp, -1.0))
-            prio = rand.clone()
+            prio = torch.rand(is_vis.shape, generator=self.gen, device=gdev).to(is_vis.device)
             if k_att > 0:  # the attention top k_att rank above every random draw
-                top = vis_imp.topk(k_att, dim=1).indices
+                top = torch.where(is_vis, imp, torch.full_like(imp, -1.0)).topk(k_att, dim=1).indices
                 prio.scatter_(1, top, 2.0)
-            prio = torch.where(is_vis, prio, torch.full_like(prio, 3.0))  # non-visual always kept
-            idx = prio.topk(int((~is_vis[0]).sum()) + k, dim=1).indices.sort(dim=1).values
-            self._score = torch.where(is_vis, imp, torch.full_like(imp, float("inf"))).gather(1, idx)
+            idx = keep_top_visual(prio, is_vis, k)
+            self._score = imp.gather(1, idx)
             return idx
         if layer_idx in self.dynamic_layers and self._score is not None:
             k = min(nv, max(self.floor, int(math.ceil(nv * self.dynamic_keep))))
             if k >= nv:
                 return None
-            n_keep = int((~is_vis[0]).sum()) + k
-            idx = self._score.topk(n_keep, dim=1).indices.sort(dim=1).values  # +inf: non-visual kept
+            idx = keep_top_visual(self._score, is_vis, k)
             self._score = self._score.gather(1, idx)
             return idx
         return None
