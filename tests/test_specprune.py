@@ -503,6 +503,10 @@ def test_lean_layers_run_the_row_hooks_and_keep_the_same_tokens() -> None:
         use_lean_layers(model.decoder, lean)
         pruner = make_pruner(model, "specprune", budget_coarse=0.25)
         assert pruner.attention_layers == frozenset()  # row hooks, no capture
+        if lean:  # the lean layer hands its own rotated q/k to the probe: the pre-hook must not project again
+            def no_reprojection(*a: Any, **k: Any) -> None:
+                raise AssertionError("lean path re-projected the rows")
+            pruner._row_importance = no_reprojection  # type: ignore[method-assign]
         mem: dict[str, Any] = {}
         out = []
         for s in range(2):
@@ -511,11 +515,70 @@ def test_lean_layers_run_the_row_hooks_and_keep_the_same_tokens() -> None:
                 a, c = step(model, rec, inputs(model, tok, seed=s), mem, 4 * s)
             out.append((a, visual_ids(c), kept_after_static(rec, 1), c.extra[MEM_KEY]["imp"]))
         runs.append(out)
-        for h in pruner._hooks:  # the next run's pruner installs its own row hooks
-            h.remove()
+        pruner.remove_row_hooks()  # the next run's pruner installs its own row hooks and probes
+        assert all("qk_probe" not in layer.self_attn.__dict__ for layer in model.decoder.layers)
     assert lean_calls(model.decoder) == 2 * model.n_layers
     for (a0, v0, k0, i0), (a1, v1, k1, i1) in zip(*runs):
         torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-6)
         assert v0 == v1 and k0 == k1 and set(i0) == set(i1) == {0, 3}
         for layer in i0:
             torch.testing.assert_close(i1[layer], i0[layer], rtol=1e-5, atol=1e-7)
+
+
+def test_two_pruners_on_one_lean_model_each_get_their_own_scores() -> None:
+    """Probes are per pruner: two SpecPrune pruners sharing a model (as the latency tool's variants do) both
+    score through the lean layers, and each equals a lone pruner's scores."""
+    from vla_runtime.policies.vla.lean_layers import use_lean_layers
+
+    model, tok = tiny_model()
+    model.decoder.config._attn_implementation = "sdpa"
+    use_lean_layers(model.decoder, True)
+    a = make_pruner(model, "specprune", budget_coarse=0.25)
+    b = make_pruner(model, "specprune", budget_coarse=0.5)
+    assert len(model.decoder.layers[0].self_attn.qk_probe) == 2
+    imps = []
+    for pr in (a, b):
+        with torch.no_grad():
+            _, c = step(model, Recorder(pr), inputs(model, tok, seed=1), {}, 0)
+        imps.append(c.extra[MEM_KEY]["imp"])
+    assert set(imps[0]) == set(imps[1]) == {0, 3}
+    torch.testing.assert_close(imps[0][0], imps[1][0])  # same input, same layer-0 scores
+    a.remove_row_hooks()
+    assert len(model.decoder.layers[0].self_attn.qk_probe) == 1
+    b.remove_row_hooks()
+    assert "qk_probe" not in model.decoder.layers[0].self_attn.__dict__
+
+
+def test_black_patches_in_both_frames_count_as_static() -> None:
+    """Cosine gives 0 for a patch that is zero in both frames; the frame difference must call it unchanged,
+    while a patch that turns black (zero in one frame only) stays changed."""
+    model, tok = tiny_model()
+    pr = make_pruner(model, "specprune", prev_t_min=1, prev_t_max=1)
+    x = inputs(model, tok)
+    x["images"][0, 0, :, 0:4, 0:8] = -1.0  # camera 0, patches 0 and 1: black ([-1, 1] -> 0) in both frames
+    mem: dict[str, Any] = {}
+    step(model, pr, x, mem, 0)
+    x2 = {k: v.clone() for k, v in x.items()}
+    x2["images"][0, 1, :, 0:4, 0:4] = -1.0  # camera 1, patch 0: black now only
+    _, ctx = step(model, pr, x2, mem, 4)
+    sim = ctx.extra[MEM_KEY]["sim"][0]
+    assert float(sim[0]) == float(sim[1]) == 1.0
+    assert float(sim[64]) < pr.cfg.sim_threshold
+    assert ctx.extra["info"]["prune_static_patches"] == 128 - 1
+
+
+def test_checkpoint_specprune_settings_apply_under_presets_and_options() -> None:
+    """config.json extra.specprune sets a checkpoint's own budgets/layers for every preset; the preset's stage
+    switches and the caller's options win; unknown fields are a clear error."""
+    model, tok = tiny_model()
+    model.cfg.extra = {"specprune": {"budget_coarse": 0.2, "budget": 0.15, "dynamic_layers": [4], "note": "why"}}
+    full = make_pruner(model, "specprune")
+    assert full.cfg.budget_coarse == 0.2 and full.dynamic_layers == (4,)
+    static = make_pruner(model, "specprune-static")
+    assert static.cfg.budget_coarse == 0.2 and static.dynamic_layers == ()  # the preset turns stage 2 off
+    rand = make_pruner(model, "prune-random")
+    assert rand.cfg.budget == 0.15 and rand.cfg.variant == "random"
+    assert make_pruner(model, "specprune", budget_coarse=0.5).cfg.budget_coarse == 0.5
+    model.cfg.extra = {"specprune": {"budgett": 0.2}}
+    with pytest.raises(UserError, match="budgett"):
+        make_pruner(model, "specprune")

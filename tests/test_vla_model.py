@@ -534,3 +534,28 @@ def test_proprio_dims_hide_the_other_state_dims() -> None:
     full = VLAModel(tiny_cfg()).eval()  # same weights, all dims seen: the eef pose does move the proprio token
     assert not torch.allclose(full.embed_prefix(b["images"], moved, b["text_ids"]),
                               full.embed_prefix(b["images"], b["state"], b["text_ids"]))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cut_gathers_the_same_mask_and_rotary_a_rebuild_gives(batch: int) -> None:
+    """A pruning cut takes the kept rows/columns of the current mask and rotary tables; they equal the ones
+    built from the kept tokens' positions (gapped positions, a bidirectional suffix, an invalid token)."""
+    from vla_runtime.policies.vla.modeling import (KIND_SUFFIX, KIND_TEXT, KIND_VISUAL, build_attention_mask,
+                                                   gather_mask, gather_rotary)
+
+    g = torch.Generator().manual_seed(batch)
+    N = 20
+    kinds = torch.tensor([KIND_TEXT] + [KIND_VISUAL] * 12 + [KIND_TEXT] * 4 + [KIND_SUFFIX] * 3)[None].repeat(batch, 1)
+    pos = torch.arange(N)[None].repeat(batch, 1)
+    valid = torch.ones(batch, N, dtype=torch.bool)
+    valid[-1, 14] = False
+    mask = build_attention_mask(pos, kinds, pos, kinds, valid, True, torch.bfloat16)
+    keep = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(12, generator=g)[:5].sort().values,
+                                   torch.arange(13, N)]) for _ in range(batch)])
+    kp, kk, kv = (t.gather(1, keep) for t in (pos, kinds, valid))
+    torch.testing.assert_close(gather_mask(mask, keep),
+                               build_attention_mask(kp, kk, kp, kk, kv, True, torch.bfloat16), rtol=0, atol=0)
+    cos, sin = torch.randn(batch, N, 8, generator=g), torch.randn(batch, N, 8, generator=g)
+    gc, gs = gather_rotary((cos, sin), keep)
+    for t, gt in ((cos, gc), (sin, gs)):
+        torch.testing.assert_close(gt, torch.stack([t[b, keep[b]] for b in range(batch)]), rtol=0, atol=0)

@@ -483,13 +483,56 @@ def train_vla(data_dirs: Sequence[str | Path], out_dir: str | Path, mode: str = 
     return {"step": step, "out": str(out), **info, **last}
 
 
+PATCH_KEY = "vision.embeddings.patch_embedding.weight"
+POSITION_KEY = "vision.embeddings.position_embedding.weight"
+
+
+@torch.no_grad()
+def resize_patch_kernel(w: torch.Tensor, size: int) -> torch.Tensor:
+    """A patch-embedding kernel [C, 3, k, k] for patches of `size` px that gives the same token for a patch as
+    the original kernel gives for that patch resized (nearest) to k px: a sum over r x r blocks when k = r * size
+    (patch 16 -> 8 = the old model on the image upsampled 2x), a spread over r x r cells when size = r * k."""
+    k = int(w.shape[-1])
+    if k == size:
+        return w.clone()
+    wf = w.float()
+    if k % size == 0:
+        r = k // size
+        out = F.avg_pool2d(wf, r) * (r * r)
+    elif size % k == 0:
+        r = size // k
+        out = wf.repeat_interleave(r, dim=-2).repeat_interleave(r, dim=-1) / (r * r)
+    else:
+        raise UserError(f"cannot resize a {k}-px patch kernel to {size} px (sizes must divide one another)")
+    return out.to(w.dtype)
+
+
+@torch.no_grad()
+def resize_position_grid(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Learned position embeddings [g*g, C] of a square patch grid, bicubically resized to n = g'*g' rows."""
+    g_old, g_new = math.isqrt(int(pos.shape[0])), math.isqrt(n)
+    if g_old * g_old != pos.shape[0] or g_new * g_new != n:
+        raise UserError(f"position grids must be square: {pos.shape[0]} -> {n}")
+    grid = pos.float().T.reshape(1, -1, g_old, g_old)
+    out = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    return out.reshape(-1, n).T.contiguous().to(pos.dtype)
+
+
 @torch.no_grad()
 def copy_matching(model: nn.Module, src: dict[str, torch.Tensor]) -> list[str]:
-    """Copy every tensor of src whose name and shape match into model; return the names left as initialised."""
+    """Copy every tensor of src whose name and shape match into model; return the names left as initialised.
+    The vision tower's patch kernel and position grid are resized when only the patch size differs (e.g. a
+    patch-16 checkpoint starting a patch-8 model: 4x the visual tokens, same image)."""
     own = model.state_dict()
     fresh = []
     for name, t in own.items():
         s = src.get(name)
+        if s is not None and name == PATCH_KEY and s.shape[:2] == t.shape[:2] and s.shape != t.shape:
+            t.copy_(resize_patch_kernel(s, int(t.shape[-1])).to(t.dtype))
+            continue
+        if s is not None and name == POSITION_KEY and s.shape[1] == t.shape[1] and s.shape != t.shape:
+            t.copy_(resize_position_grid(s, int(t.shape[0])).to(t.dtype))
+            continue
         if s is None or tuple(s.shape) != tuple(t.shape):
             if not name.endswith("rotary_emb.inv_freq"):
                 fresh.append(name)

@@ -130,12 +130,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any,
-                       attn_implementation: str = "sdpa", attn_input: Callable[..., Any] | None = None
-                       ) -> torch.Tensor:
+                       attn_implementation: str = "sdpa", attn_input: Callable[..., Any] | None = None,
+                       qk_probe: Callable[..., Any] | None = None) -> torch.Tensor:
     """One decoder layer on rows h (B, Q, D) in lw's dtype, the stock layer's math. Without a mask, several rows
     attend causally under SDPA and to everything under eager, as the stock attention functions do.
     attn_input(x, position_embeddings, attention_mask) sees the attention's input (the normed rows) first, as a
-    forward pre-hook on `self_attn` would, and returns them (possibly changed)."""
+    forward pre-hook on `self_attn` would, and returns them (possibly changed). qk_probe(q, k, attention_mask)
+    sees the rotated queries (B, H, Q, hd) and keys (B, Hkv, K, hd) the attention is about to use (SpecPrune's
+    row scores read them instead of projecting the rows again)."""
     B, Q, _ = h.shape
     H, Hkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
     x = _rms(h, lw.ln1, lw.eps1)
@@ -153,6 +155,8 @@ def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.T
     k = k * cos + _rotate_half(k) * sin
     if cache is not None:
         k, v = cache.update(k, v, lw.layer_idx)
+    if qk_probe is not None:
+        qk_probe(q, k, attention_mask)
     causal = Q > 1 and attention_mask is None and lw.is_causal and attn_implementation != "eager"
     o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=lw.scaling,
                                                    is_causal=causal, enable_gqa=H != Hkv)
@@ -192,7 +196,8 @@ class _LeanForward:
     def _attn_pre_hooks(self, x: torch.Tensor, pe: Any, mask: torch.Tensor | None) -> tuple[Any, Any, Any]:
         """Run `self_attn`'s forward pre-hooks (e.g. SpecPrune's row-importance hook) on the attention input."""
         attn = self.layer.self_attn
-        kwargs: dict[str, Any] = {"hidden_states": x, "position_embeddings": pe, "attention_mask": mask}
+        kwargs: dict[str, Any] = {"hidden_states": x, "position_embeddings": pe, "attention_mask": mask,
+                                  "qk_probe_follows": getattr(attn, "qk_probe", None) is not None}
         for hook in list(attn._forward_pre_hooks.values()):
             res = hook(attn, (), kwargs)
             if res is not None:
@@ -217,7 +222,8 @@ class _LeanForward:
         cache = kw.get("cache", kw.get("past_key_values"))
         self.calls += 1
         pre = self._attn_pre_hooks if self.layer.self_attn._forward_pre_hooks else None
-        return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl, pre)
+        return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl, pre,
+                                  getattr(self.layer.self_attn, "qk_probe", None))
 
 
 def use_lean_layers(decoder: nn.Module, enable: bool = True) -> int:

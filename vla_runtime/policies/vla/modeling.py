@@ -345,6 +345,26 @@ def build_attention_mask(q_pos: torch.Tensor, q_kind: torch.Tensor, k_pos: torch
     return mask[:, None]  # (B, 1, Q, K)
 
 
+def gather_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rows and columns of kept tokens keep (B, K) of an additive mask (B, 1, N, N): (B, 1, K, K)."""
+    if mask.shape[0] == 1 and keep.shape[0] == 1:
+        idx = keep[0]
+        return mask.index_select(2, idx).index_select(3, idx)
+    B, H = mask.shape[0], mask.shape[1]
+    m = mask.expand(keep.shape[0], H, -1, -1) if B == 1 else mask
+    m = m.gather(2, keep[:, None, :, None].expand(-1, H, -1, m.shape[3]))
+    return m.gather(3, keep[:, None, None, :].expand(-1, H, m.shape[2], -1))
+
+
+def gather_rotary(pe: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens' rows of the rotary tables (cos, sin), each (B, N, hd) -> (B, K, hd)."""
+    out = []
+    for t in pe:
+        t = t.expand(keep.shape[0], -1, -1) if t.shape[0] == 1 else t
+        out.append(t.gather(1, keep[..., None].expand(-1, -1, t.shape[-1])))
+    return out[0], out[1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # building stock modules from the config
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,7 +564,11 @@ class VLAModel(nn.Module):
                 h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
                 positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
                 ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
-                mask, pe, n_visual = None, None, None
+                # the mask and the rotary tables depend on each token's own position/kind/validity only, so
+                # the kept tokens' rows and columns of the current ones are exact (no rebuild per cut)
+                mask = gather_mask(mask, keep) if mask is not None and cache is None else None
+                pe = gather_rotary(pe, keep) if pe is not None else None
+                n_visual = None
             if pe is None:
                 pe = dec.rotary_emb(h, position_ids=positions)
             meta = cache.key_meta(i) if cache is not None else None

@@ -258,6 +258,14 @@ def classify_action(action: np.ndarray, mode: str, c: ControllerConfig, chunk_us
 # ---------------------------------------------------------------------------------------------------------------
 # the pruner
 # ---------------------------------------------------------------------------------------------------------------
+class QKProbes(list):  # type: ignore[type-arg]
+    """The q/k probes installed on one attention module (`self_attn.qk_probe`), called in order."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        for fn in self:
+            fn(q, k, mask)
+
+
 def _rank_weights(scores: torch.Tensor, hi: float, lo: float) -> torch.Tensor:
     """scores (B, n) -> weights (B, n): the best-ranked token gets `hi`, the worst `lo`, linear in rank."""
     n = scores.shape[1]
@@ -302,6 +310,7 @@ class SpecPrunePruner:
         self.attention_layers: frozenset[int] = frozenset(want)  # eager capture, unless row hooks replace it
         self._armed: dict[int, StepContext] = {}
         self._hooks: list[Any] = []
+        self._probed: list[tuple[Any, Any]] = []
 
     def install_row_hooks(self, decoder_layers: Any) -> bool:
         """Compute the scores of `score_layers` in a pre-hook on each layer's `self_attn` from the query rows
@@ -315,11 +324,32 @@ class SpecPrunePruner:
             mods.append((l, a))
         for l, a in mods:
             self._hooks.append(a.register_forward_pre_hook(self._make_row_hook(l), with_kwargs=True))
+            # the lean CPU layer hands its own rotated q/k to this probe (no second projection of the rows);
+            # the pre-hook then leaves the scoring to it (kwarg qk_probe_follows)
+            probes = a.__dict__.get("qk_probe")
+            if not isinstance(probes, QKProbes):  # one list per module: several pruners may share a model
+                probes = a.qk_probe = QKProbes()
+            fn = self._make_qk_probe(l, a)
+            probes.append(fn)
+            self._probed.append((a, fn))
         self.attention_layers = frozenset()
         return True
 
+    def remove_row_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        for a, fn in self._probed:
+            probes = a.__dict__.get("qk_probe")
+            if isinstance(probes, QKProbes):
+                probes[:] = [f for f in probes if f is not fn]
+                if not probes:
+                    del a.qk_probe
+        self._hooks, self._probed = [], []
+
     def _make_row_hook(self, layer: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if kwargs.get("qk_probe_follows"):
+                return None  # the lean layer calls the q/k probe with the rows it computes anyway
             ctx = self._armed.pop(layer, None)
             if ctx is None:  # another pruner's forward through a shared model, or a decode step
                 return None
@@ -330,13 +360,40 @@ class SpecPrunePruner:
 
         return hook
 
+    def _make_qk_probe(self, layer: int, attn: Any) -> Callable[..., None]:
+        scaling = float(attn.scaling)
+
+        def probe(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+            ctx = self._armed.pop(layer, None)
+            if ctx is None:
+                return None
+            rows = self._query_rows(ctx)
+            self._scores_to_importance(q[:, :, rows], k, mask, rows, scaling, layer, ctx)
+            return None
+
+        return probe
+
+    def _scores_to_importance(self, q_rows: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                              rows: torch.Tensor, scaling: float, layer: int, ctx: StepContext) -> None:
+        """q_rows (B, H, R, hd), k (B, Hkv, N, hd), both rotated -> softmax rows -> importance of the visuals."""
+        start, stop, _ = self._visual_span(ctx)
+        B, H, R, hd = q_rows.shape
+        Hkv = k.shape[1]
+        # GQA without copying the keys: the H / Hkv query heads of a group share one key head
+        qg = q_rows.float().reshape(B, Hkv, (H // Hkv) * R, hd)
+        scores = (qg @ k.float().transpose(-1, -2)).reshape(B, H, R, -1) * scaling  # (B, H, R, N)
+        if mask is not None:
+            scores = scores + mask.index_select(2, rows).float()
+        probs = scores.softmax(-1)
+        imp = attention_importance(probs, slice(0, R), (start, stop), check_indices=False)
+        ctx.extra[MEM_KEY].setdefault("imp", {})[layer] = imp
+
     def _row_importance(self, attn: Any, layer: int, hidden: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
                         mask: torch.Tensor | None, ctx: StepContext) -> None:
         """softmax(q_rows k^T * scale + mask_rows) (B, H, R, N) -> attention_importance -> sc["imp"][layer]."""
         import sys
 
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model family's own rotary
-        start, stop, _ = self._visual_span(ctx)
         rows = self._query_rows(ctx)
         B, N, _ = hidden.shape
         hd = int(attn.head_dim)
@@ -345,13 +402,7 @@ class SpecPrunePruner:
         k = attn.k_proj(hidden).view(B, N, -1, hd).transpose(1, 2)  # (B, Hkv, N, hd)
         q = rope(q, q, cos[:, rows], sin[:, rows])[0]
         k = rope(k, k, cos, sin)[0]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, N, hd)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, R, N)
-        if mask is not None:
-            scores = scores + mask[:, :, rows].float()
-        probs = scores.softmax(-1)
-        imp = attention_importance(probs, range(rows.numel()), (start, stop), check_indices=False)
-        ctx.extra[MEM_KEY].setdefault("imp", {})[layer] = imp
+        self._scores_to_importance(q, k, mask, rows, float(attn.scaling), layer, ctx)
 
     # ---- per-episode state ----------------------------------------------------------------------------------
     def state(self, memory: dict[str, Any]) -> dict[str, Any]:
@@ -457,20 +508,22 @@ class SpecPrunePruner:
         motion = float(np.mean([np.linalg.norm(a[0:3]) for a in executed])) if executed else 0.0
         frac = min(motion / c.motion_ref, 1.0)
         prev_t = int(round(c.prev_t_max - (c.prev_t_max - c.prev_t_min) * frac))
-        frames: list[tuple[int, torch.Tensor]] = st["frames"]
+        frames: list[tuple[int, torch.Tensor, torch.Tensor]] = st["frames"]
         ref = None
         older = [f for f in frames if f[0] <= step - prev_t and f[1].shape == cur.shape]
         if older:
             ref = older[-1]  # the most recent frame at least prev_t steps old
         elif frames and frames[0][1].shape == cur.shape and frames[0][0] < step:
             ref = frames[0]  # only younger frames: the oldest we have
+        # a patch that is all-zero in both frames scores 0 in cosine but has not changed: 1 (the zero flag is
+        # kept with the frame: one reduction per frame instead of an elementwise comparison of two frames)
+        zero = cur.abs().amax(dim=-1) == 0  # (B*C, P)
         if ref is not None:
             sim = patch_cosine_similarity(cur, ref[1])  # (B*C, P)
-            same = (cur == ref[1]).all(dim=-1)  # identical patches (all-zero ones score 0 in cosine)
-            sim = torch.where(same, torch.ones_like(sim), sim)
+            sim = sim.masked_fill(zero & ref[2], 1.0)
             sc["sim"] = sim.reshape(B, C * self.P)  # (B, n_visual)
             sc["prev_t"] = step - ref[0]
-        frames.append((step, cur))
+        frames.append((step, cur, zero))
         del frames[:-c.frames_kept]
         sc["info"]["prune_prev_t"] = prev_t
 
@@ -484,6 +537,17 @@ class SpecPrunePruner:
         return 1, 1 + sc["n_vis"], sc["pid"]
 
     def _query_rows(self, ctx: StepContext) -> torch.Tensor:
+        assert ctx.kinds is not None and ctx.valid is not None
+        sc = ctx.extra.get(MEM_KEY)
+        cached = sc.get("rows") if isinstance(sc, dict) else None
+        if cached is not None and cached[0] is ctx.kinds:  # same token set as the last call of this forward
+            return cached[1]
+        rows = self._find_query_rows(ctx)
+        if isinstance(sc, dict):
+            sc["rows"] = (ctx.kinds, rows)
+        return rows
+
+    def _find_query_rows(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.kinds is not None and ctx.valid is not None
         want = torch.zeros_like(ctx.kinds[0], dtype=torch.bool)
         for q in self.cfg.local_queries:
@@ -721,15 +785,35 @@ ACCEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def checkpoint_specprune_defaults(model: Any) -> dict[str, Any]:
+    """`extra.specprune` of the model's config (validated: unknown fields are an error naming the checkpoint)."""
+    extra = getattr(getattr(model, "cfg", None), "extra", None) or {}
+    d = extra.get("specprune") or {}
+    if not isinstance(d, dict):
+        raise UserError(f"config extra.specprune of {getattr(model, 'checkpoint_dir', 'the checkpoint')} must be "
+                        f"an object of SpecPrune options, got {type(d).__name__}")
+    bad = sorted(set(d) - set(SpecPruneConfig.__dataclass_fields__) - {"note"})
+    if bad:
+        raise UserError(f"config extra.specprune of {getattr(model, 'checkpoint_dir', 'the checkpoint')} has "
+                        f"unknown SpecPrune options {bad}")
+    return {k: v for k, v in d.items() if k != "note"}
+
+
 def make_pruner(model: Any, name: str = "specprune", **options: Any) -> SpecPrunePruner:
-    """Factory for the ACCELERATIONS registry: `model` is a VLAModel; options override SpecPruneConfig fields."""
+    """Factory for the ACCELERATIONS registry: `model` is a VLAModel; options override SpecPruneConfig fields.
+
+    A checkpoint may carry its own SpecPrune settings in `config.json` -> `extra.specprune` (budgets and layers
+    chosen for that model, e.g. a 512-token model prunes harder than a 128-token one); they apply to every
+    preset (the ablations and baselines share them), under the preset's stage switches and the caller's options.
+    """
     if name not in ACCEL_PRESETS:
         raise UserError(f"unknown SpecPrune preset {name!r} (available: {', '.join(ACCEL_PRESETS)})")
     known = set(SpecPruneConfig.__dataclass_fields__)
     bad = sorted(set(options) - known)
     if bad:
         raise UserError(f"unknown SpecPrune options {bad} (known: {sorted(known)})")
-    cfg = SpecPruneConfig(**{**ACCEL_PRESETS[name], **options})
+    ckpt = checkpoint_specprune_defaults(model)
+    cfg = SpecPruneConfig(**{**ckpt, **ACCEL_PRESETS[name], **options})
     mc = model.cfg
     pr = SpecPrunePruner(n_layers=model.n_layers, n_cameras=len(mc.cameras), patches_per_camera=mc.patches_per_camera,
                          patch_size=mc.patch_size, n_action_steps=mc.n_action_steps, config=cfg)
@@ -815,7 +899,7 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
     model = getattr(probe, "model")
     n_vis = int(model.cfg.n_visual)
     n_layers = int(model.n_layers)
-    cfg = SpecPruneConfig(**opts) if opts else SpecPruneConfig()
+    cfg = SpecPruneConfig(**{**checkpoint_specprune_defaults(model), **opts})
     pl = cfg.prune_layer
     mean_vis = full.get("mean_visual_tokens_per_layer")
     if mean_vis is None:
