@@ -438,3 +438,52 @@ def test_train_with_mixed_drops_logs_both_shapes(tmp_path: Path) -> None:
     assert shapes == {"RandomVisualDrop", "AttentionVisualDrop"}
     with pytest.raises(UserError, match="drop-shape"):
         train_vla([data], tmp_path / "ck2", steps=1, progress=False, drop_shape="fastv")
+
+
+def test_patch_kernel_resize_keeps_what_each_patch_sees() -> None:
+    """A patch-16 kernel resized to 8 px gives, on an image, the tokens the original gives on that image
+    upsampled 2x (nearest); 8 -> 16 spreads the kernel so a 2x-upsampled image's tokens are kept; the position
+    grid resizes bicubically and keeps its values on a constant grid."""
+    import torch.nn.functional as F
+
+    from vla_runtime.train.train_vla import resize_patch_kernel, resize_position_grid
+
+    g = torch.Generator().manual_seed(0)
+    w16 = torch.randn(5, 3, 16, 16, generator=g)
+    img = torch.randn(2, 3, 32, 32, generator=g)
+    up = img.repeat_interleave(2, -2).repeat_interleave(2, -1)  # (2, 3, 64, 64)
+    torch.testing.assert_close(F.conv2d(img, resize_patch_kernel(w16, 8), stride=8), F.conv2d(up, w16, stride=16),
+                               rtol=1e-4, atol=1e-4)
+    w8 = torch.randn(5, 3, 8, 8, generator=g)
+    torch.testing.assert_close(F.conv2d(up, resize_patch_kernel(w8, 16), stride=16), F.conv2d(img, w8, stride=8),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="divide"):
+        resize_patch_kernel(w16, 6)
+    pos = torch.full((64, 4), 0.5)
+    out = resize_position_grid(pos, 256)
+    assert out.shape == (256, 4)
+    torch.testing.assert_close(out, torch.full((256, 4), 0.5))
+    with pytest.raises(UserError, match="square"):
+        resize_position_grid(pos, 200)
+
+
+def test_train_init_from_a_coarser_patch_resizes_the_vision_embeddings(tmp_path: Path) -> None:
+    """--init-from with --config patch_size halved starts the finer-patch model from the resized kernel and
+    position grid (none left fresh), 4x the visual tokens."""
+    from safetensors.torch import load_file
+
+    from vla_runtime.train.train_vla import resize_patch_kernel, resize_position_grid, train_vla
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    src = make_ckpt(tmp_path, "parallel")
+    p = VLAConfig.load(src / "config.json").patch_size
+    out = tmp_path / "fine"
+    res = train_vla([data], out, steps=1, batch_size=4, save_every=1, log_every=1, progress=False, lr=0.0,
+                    drop_prob=0.0, init_from=src, config={"patch_size": p // 2})
+    assert res["visual_tokens"] == 4 * VLAConfig.load(src / "config.json").n_visual
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    k, q = "vision.embeddings.patch_embedding.weight", "vision.embeddings.position_embedding.weight"
+    assert b[k].shape[-1] == p // 2
+    torch.testing.assert_close(b[k].float(), resize_patch_kernel(a[k].float(), p // 2), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(b[q].float(), resize_position_grid(a[q].float(), b[q].shape[0]), rtol=1e-2, atol=1e-3)
