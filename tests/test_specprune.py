@@ -66,6 +66,14 @@ class Recorder:
         self.attention_layers = inner.attention_layers
         self.log: list[dict[str, Any]] = []
 
+    @property
+    def early_cuts(self) -> bool:
+        return bool(getattr(self.inner, "early_cuts", False))
+
+    @property
+    def call_layers(self) -> frozenset[int]:
+        return self.inner.call_layers
+
     def before_layer(self, layer_idx: int, ctx: StepContext) -> torch.Tensor | None:
         assert ctx.positions is not None and ctx.kinds is not None
         keep = self.inner.before_layer(layer_idx, ctx)
@@ -582,3 +590,43 @@ def test_checkpoint_specprune_settings_apply_under_presets_and_options() -> None
     model.cfg.extra = {"specprune": {"budgett": 0.2}}
     with pytest.raises(UserError, match="budgett"):
         make_pruner(model, "specprune")
+
+
+@pytest.mark.parametrize("name", ["specprune", "prune-random", "prune-fastv"])
+def test_early_cut_inside_the_previous_layer_equals_cutting_after_it(name: str) -> None:
+    """With lean layers, the loop asks the pruner for layer j's cut inside layer j - 1 (after its q/k and row
+    scores) and finishes that layer only for the kept rows: the same kept sets and actions as cutting after the
+    full layer, and the early layer really returns fewer rows than it took."""
+    from vla_runtime.policies.vla.lean_layers import use_lean_layers
+
+    model, tok = tiny_model()
+    model.decoder.config._attn_implementation = "sdpa"
+    use_lean_layers(model.decoder, True)
+    seen: list[tuple[int, int, bool]] = []
+    orig = model._run_layer
+
+    def spy(layer: Any, h: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        out = orig(layer, h, *a, **k)
+        seen.append((h.shape[1], out.shape[1], k.get("row_select") is not None))
+        return out
+
+    model._run_layer = spy  # type: ignore[method-assign]
+    runs = []
+    for early in (False, True):
+        pr = make_pruner(model, name, budget_coarse=0.25, budget=0.25)
+        pr.early_cuts = early
+        mem: dict[str, Any] = {}
+        out = []
+        seen.clear()
+        for s in range(2):
+            rec = Recorder(pr)
+            with torch.no_grad():
+                a, c = step(model, rec, inputs(model, tok, seed=s), mem, 4 * s)
+            out.append((a, visual_ids(c), kept_after_static(rec, 1), list(c.tokens_per_layer)))
+        runs.append(out)
+        shrunk = [x for x in seen if x[1] < x[0]]
+        assert bool(shrunk) == early and all(x[2] for x in shrunk)
+        pr.remove_row_hooks()
+    for (a0, v0, k0, t0), (a1, v1, k1, t1) in zip(*runs):
+        torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-5)
+        assert v0 == v1 and k0 == k1 and t0 == t1

@@ -131,13 +131,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any,
                        attn_implementation: str = "sdpa", attn_input: Callable[..., Any] | None = None,
-                       qk_probe: Callable[..., Any] | None = None) -> torch.Tensor:
+                       qk_probe: Callable[..., Any] | None = None,
+                       row_select: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
     """One decoder layer on rows h (B, Q, D) in lw's dtype, the stock layer's math. Without a mask, several rows
     attend causally under SDPA and to everything under eager, as the stock attention functions do.
     attn_input(x, position_embeddings, attention_mask) sees the attention's input (the normed rows) first, as a
     forward pre-hook on `self_attn` would, and returns them (possibly changed). qk_probe(q, k, attention_mask)
     sees the rotated queries (B, H, Q, hd) and keys (B, Hkv, K, hd) the attention is about to use (SpecPrune's
-    row scores read them instead of projecting the rows again)."""
+    row scores read them instead of projecting the rows again).
+    row_select() (after the probe) may return indices (B, K), ascending, of the rows the caller keeps after this
+    layer: only their queries, attention output, o-projection and MLP are computed (every row's keys and values
+    still are), and the result is (B, K, D), each row exactly what the full layer gives it."""
     B, Q, _ = h.shape
     H, Hkv, hd = lw.n_heads, lw.n_kv, lw.head_dim
     x = _rms(h, lw.ln1, lw.eps1)
@@ -157,6 +161,21 @@ def lean_layer_forward(lw: LeanWeights, h: torch.Tensor, attention_mask: torch.T
         k, v = cache.update(k, v, lw.layer_idx)
     if qk_probe is not None:
         qk_probe(q, k, attention_mask)
+    if row_select is not None:
+        keep = row_select()
+        if keep is not None:
+            if attention_mask is None:
+                raise ValueError("row_select needs an explicit attention mask (the kept rows are not a prefix)")
+            if B == 1:
+                idx = keep[0]
+                q, h = q.index_select(2, idx), h.index_select(1, idx)
+                attention_mask = attention_mask.index_select(2, idx)
+            else:
+                q = q.gather(2, keep[:, None, :, None].expand(-1, H, -1, hd))
+                h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
+                attention_mask = attention_mask.expand(B, -1, -1, -1).gather(
+                    2, keep[:, None, :, None].expand(-1, attention_mask.shape[1], -1, attention_mask.shape[3]))
+            Q = q.shape[2]
     causal = Q > 1 and attention_mask is None and lw.is_causal and attn_implementation != "eager"
     o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=lw.scaling,
                                                    is_causal=causal, enable_gqa=H != Hkv)
@@ -205,6 +224,9 @@ class _LeanForward:
         return kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["attention_mask"]
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        # row_select: see lean_layer_forward; the stock fallback never calls it (the caller sees that and cuts
+        # after the layer instead)
+        row_select = kw.pop("row_select", None)
         h = hidden_states
         own = self.layer.input_layernorm.weight.dtype
         if (args or h.device.type != "cpu" or h.dim() != 3 or h.dtype not in (torch.float32, own)
@@ -223,7 +245,7 @@ class _LeanForward:
         self.calls += 1
         pre = self._attn_pre_hooks if self.layer.self_attn._forward_pre_hooks else None
         return lean_layer_forward(lw, h, kw.get("attention_mask"), kw["position_embeddings"], cache, impl, pre,
-                                  getattr(self.layer.self_attn, "qk_probe", None))
+                                  getattr(self.layer.self_attn, "qk_probe", None), row_select)
 
 
 def use_lean_layers(decoder: nn.Module, enable: bool = True) -> int:
@@ -238,6 +260,11 @@ def use_lean_layers(decoder: nn.Module, enable: bool = True) -> int:
             del layer.forward
             n += 1
     return n
+
+
+def is_lean(layer: nn.Module) -> bool:
+    """Whether the lean forward is installed on this layer (it may still fall back to the stock one per call)."""
+    return isinstance(layer.__dict__.get("forward"), _LeanForward)
 
 
 def lean_calls(decoder: nn.Module) -> int:

@@ -30,6 +30,7 @@ from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.cuda_graphs import has_hooks
 from vla_runtime.policies.vla.heads import ARActionHead, ParallelActionHead
+from vla_runtime.policies.vla.lean_layers import is_lean
 
 # token kinds (StepContext.kinds)
 KIND_BOS, KIND_VISUAL, KIND_PROPRIO, KIND_TEXT, KIND_SUFFIX = 0, 1, 2, 3, 4
@@ -66,7 +67,12 @@ class StepContext:
 class TokenPruner(Protocol):
     """Optional attribute `call_layers: frozenset[int]`: the only layers whose `before_layer` may act (return
     indices or keep state); with CUDA graphs the loop then runs the layers between them as one graph and calls
-    `before_layer` only there. Without it, every layer is called (and graphed on its own)."""
+    `before_layer` only there. Without it, every layer is called (and graphed on its own).
+
+    Optional attribute `early_cuts: bool`: True if `before_layer(j)` needs nothing from layer j - 1 beyond what
+    its attention pre-hooks / q-k probes see (never its output rows, nor its captured attention). The loop may
+    then call it from inside layer j - 1, once the keys and queries exist, and finish that layer only for the
+    rows kept (CPU lean layers; exact: each kept row gets the value the full layer gives it)."""
 
     attention_layers: frozenset[int]
 
@@ -552,15 +558,23 @@ class VLAModel(nn.Module):
             if calls is not None and checks is not None:
                 solo = set(want_attn) | {j for j in range(n_layers) if has_hooks(layers[j])}
                 barriers = set(calls) | {j + 1 for j in checks} | solo  # where a strategy acts, and the solo layers
+        early_cuts = bool(getattr(pruner, "early_cuts", False)) and cache is None and barriers is None
+        call_layers = getattr(pruner, "call_layers", None)
+        decided = -1  # a layer whose before_layer already ran inside the previous layer (early cut)
+
+        def check_keep(keep: torch.Tensor) -> torch.Tensor:
+            keep = keep.to(h.device)
+            if keep.ndim != 2 or keep.shape[0] != h.shape[0]:
+                raise ValueError(f"pruner must return (B, K) indices, got {tuple(keep.shape)}")
+            return keep
+
         i = 0
         while i < n_layers:
             layer = layers[i]
             ctx.layer_idx = i
-            keep = pruner.before_layer(i, ctx)
+            keep = pruner.before_layer(i, ctx) if decided != i else None
             if keep is not None:
-                keep = keep.to(h.device)
-                if keep.ndim != 2 or keep.shape[0] != h.shape[0]:
-                    raise ValueError(f"pruner must return (B, K) indices, got {tuple(keep.shape)}")
+                keep = check_keep(keep)
                 h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
                 positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
                 ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
@@ -596,12 +610,38 @@ class VLAModel(nn.Module):
             for _ in range(i, end):
                 ctx.tokens_per_layer.append(int(h.shape[1]))
                 ctx.visual_per_layer.append(n_visual)
+            early: dict[str, Any] = {}
             if end > i + 1:  # layers i..end-1 as one CUDA graph: nothing acts between them
                 assert lg is not None
                 h = lg.run(i, layers[i:end], h, layer_mask, pe, positions)
+            elif (early_cuts and i + 1 < n_layers and layer_mask is not None and i not in want_attn
+                  and (call_layers is None or (i + 1) in call_layers) and is_lean(layer)):
+                # ask for layer i + 1's cut inside layer i, once its q/k (and the pruner's row scores) exist:
+                # layer i then finishes only the rows kept after it (the same values, less MLP/attention work)
+                def row_select(nxt: int = i + 1) -> torch.Tensor | None:
+                    ctx.layer_idx = nxt
+                    try:
+                        k2 = pruner.before_layer(nxt, ctx)
+                    finally:
+                        ctx.layer_idx = nxt - 1
+                    early["asked"] = True
+                    early["keep"] = check_keep(k2) if k2 is not None else None
+                    return early["keep"]
+
+                h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=False, ctx=ctx, i=i,
+                                    row_select=row_select)
             else:
                 h = self._run_layer(layer, h, layer_mask, pe, positions, cache, capture=(i in want_attn), ctx=ctx,
                                     i=i)
+            if early.get("asked"):
+                decided = i + 1
+                k2 = early["keep"]
+                if k2 is not None:  # h already holds only the kept rows
+                    positions, kinds, valid = (t.gather(1, k2) for t in (positions, kinds, valid))
+                    ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
+                    mask = gather_mask(mask, k2) if mask is not None else None
+                    pe = gather_rotary(pe, k2) if pe is not None else None
+                    n_visual = None
             n_run = end
             i = end
             if exit_policy.after_layer(end - 1, h, ctx):
@@ -612,9 +652,11 @@ class VLAModel(nn.Module):
         return h, ctx
 
     def _run_layer(self, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, pe: tuple[torch.Tensor, torch.Tensor],
-                   positions: torch.Tensor, cache: LayerKVCache | None, capture: bool, ctx: StepContext, i: int
-                   ) -> torch.Tensor:
+                   positions: torch.Tensor, cache: LayerKVCache | None, capture: bool, ctx: StepContext, i: int,
+                   row_select: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
         kw: dict[str, Any] = dict(attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        if row_select is not None:  # only ever passed for a lean layer (see forward_layers)
+            kw["row_select"] = row_select
         if cache is not None:
             kw.update({cache_kwarg(layer): cache, "use_cache": True})
         if not capture:

@@ -308,6 +308,10 @@ class SpecPrunePruner:
         self.call_layers = frozenset({0, c.prune_layer} | set(self.dynamic_layers) | set(want)
                                      | {j + 1 for j in self.importance_layers})
         self.attention_layers: frozenset[int] = frozenset(want)  # eager capture, unless row hooks replace it
+        # before_layer(j) reads only the row scores of layers < j (probes/pre-hooks, computed before their
+        # attention runs) and this step's frames: the loop may cut inside layer j - 1 (TokenPruner.early_cuts;
+        # a layer whose attention is captured eagerly is never cut early)
+        self.early_cuts = True
         self._armed: dict[int, StepContext] = {}
         self._hooks: list[Any] = []
         self._probed: list[tuple[Any, Any]] = []
