@@ -34,6 +34,7 @@ FastV-style), `prune-framediff` (frame difference only, VLA-Cache-style selectio
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -856,7 +857,16 @@ def _default_policy(policy: str) -> str:
     vlas = [p for p in list_policies() if p.startswith("vla:")]
     if not vlas:
         raise UserError("bench specprune needs a VLA: none is shipped; pass --policy vla:<checkpoint dir>")
-    return vlas[0]
+    from vla_runtime.policies import resolve_checkpoint
+
+    def tuned(name: str) -> bool:  # a checkpoint shipped with its own SpecPrune settings (config extra.specprune)
+        try:
+            cfg = json.loads((resolve_checkpoint(name.partition(":")[2]) / "config.json").read_text())
+        except (OSError, ValueError, UserError):
+            return False
+        return bool((cfg.get("extra") or {}).get("specprune"))
+
+    return next((v for v in vlas if tuned(v)), vlas[0])
 
 
 def _token_fields(m: Any, recs: list[dict[str, Any]]) -> dict[str, Any]:
