@@ -33,3 +33,22 @@ def test_shipped_checkpoint_loads_and_acts(name: str) -> None:
     chunk = policy.act(obs)
     assert chunk.actions.shape == (s.chunk_size, s.action_dim) and chunk.actions.dtype == np.float32
     assert np.isfinite(chunk.actions).all()
+
+
+TUNED = [n for n in SHIPPED if n.startswith("vla:") and (shipped_checkpoints()[n.split(":", 1)[1]] / "config.json")
+         .read_text().find('"specprune"') >= 0]
+
+
+@pytest.mark.parametrize("name", TUNED)
+def test_shipped_specprune_settings_are_used_by_accel_specprune(name: str) -> None:
+    """A VLA shipped with its own SpecPrune settings (config extra.specprune) gets them from `--accel specprune`
+    with no options, and they are valid SpecPrune options."""
+    import json
+
+    path = shipped_checkpoints()[name.split(":", 1)[1]]
+    want = json.loads((path / "config.json").read_text())["extra"]["specprune"]
+    policy = make_policy(name, accel=("specprune",))
+    cfg = policy.pruner.cfg  # type: ignore[attr-defined]
+    for k, v in want.items():
+        if k != "note":
+            assert getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v), k

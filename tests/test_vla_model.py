@@ -559,3 +559,29 @@ def test_cut_gathers_the_same_mask_and_rotary_a_rebuild_gives(batch: int) -> Non
     gc, gs = gather_rotary((cos, sin), keep)
     for t, gt in ((cos, gc), (sin, gs)):
         torch.testing.assert_close(gt, torch.stack([t[b, keep[b]] for b in range(batch)]), rtol=0, atol=0)
+
+
+def test_the_uncut_mask_and_rotary_tables_are_reused_only_for_identical_metadata() -> None:
+    """Inference reuses the full sequence's mask/rotary tables when positions, kinds and validity are the same
+    as the last call (same outputs as a fresh build); any change rebuilds them."""
+    from vla_runtime.policies.vla.modeling import KIND_SUFFIX, KIND_TEXT, KIND_VISUAL
+
+    model = make_model(attn="sdpa")
+    N = 10
+    h = torch.randn(1, N, model.hidden)
+    pos = torch.arange(N)[None]
+    kinds = torch.tensor([[KIND_TEXT] + [KIND_VISUAL] * 4 + [KIND_TEXT] * 3 + [KIND_SUFFIX] * 2])
+    valid = torch.ones(1, N, dtype=torch.bool)
+    with torch.no_grad():
+        m1, pe1 = model._initial_tables(h, pos, kinds, valid, True)
+        m2, pe2 = model._initial_tables(h, pos.clone(), kinds.clone(), valid.clone(), True)
+        assert m2 is m1 and pe2[0] is pe1[0]
+        valid2 = valid.clone()
+        valid2[0, 6] = False
+        m3, _ = model._initial_tables(h, pos, kinds, valid2, True)
+        assert m3 is not m1 and not torch.equal(m3, m1)
+        m4, _ = model._initial_tables(h, pos, kinds, valid, False)  # causal suffix: another mask
+        assert not torch.equal(m4, m1)
+        out1, _ = model.forward_layers(h, pos, kinds, valid)
+        out2, _ = model.forward_layers(h, pos, kinds, valid)
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)

@@ -545,6 +545,10 @@ class VLAModel(nn.Module):
         ctx.tokens_per_layer, ctx.visual_per_layer = [], []
         mask: torch.Tensor | None = None
         pe: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cache is None and not torch.is_grad_enabled():
+            # the full sequence's mask and rotary tables are the same at every step of an episode (same layout,
+            # same instruction): reuse the last ones when the token metadata is identical
+            mask, pe = self._initial_tables(h, positions, kinds, valid, bidirectional_suffix)
         n_run = 0
         n_visual: int | None = None  # counted when the token set changes, not per layer: a count is a device sync
         lg = self.layer_graphs
@@ -650,6 +654,19 @@ class VLAModel(nn.Module):
         if final_norm:
             h = dec.norm(h)
         return h, ctx
+
+    def _initial_tables(self, h: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor,
+                        bidirectional_suffix: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(mask, rotary tables) of the uncut sequence, cached on identical (positions, kinds, valid, dtype)."""
+        key = (h.dtype, h.device, bool(bidirectional_suffix))
+        c = self.__dict__.get("_tables")
+        if (c is not None and c[0] == key and c[1].shape == positions.shape and torch.equal(c[1], positions)
+                and torch.equal(c[2], kinds) and torch.equal(c[3], valid)):
+            return c[4], c[5]
+        mask = build_attention_mask(positions, kinds, positions, kinds, valid, bidirectional_suffix, h.dtype)
+        pe = self.decoder.rotary_emb(h, position_ids=positions)
+        self.__dict__["_tables"] = (key, positions.clone(), kinds.clone(), valid.clone(), mask, pe)
+        return mask, pe
 
     def _run_layer(self, layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, pe: tuple[torch.Tensor, torch.Tensor],
                    positions: torch.Tensor, cache: LayerKVCache | None, capture: bool, ctx: StepContext, i: int,
