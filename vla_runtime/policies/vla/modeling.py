@@ -566,6 +566,16 @@ class VLAModel(nn.Module):
         call_layers = getattr(pruner, "call_layers", None)
         decided = -1  # a layer whose before_layer already ran inside the previous layer (early cut)
 
+        def cut_tables(keep: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor,
+                       mask: torch.Tensor | None, pe: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, ...]:
+            """The kept tokens' metadata, mask and rotary tables. Mask and rotary depend on each token's own
+            position/kind/validity only, so the kept rows (and columns) of the current ones are exact; with a KV
+            cache the mask is rebuilt per layer anyway."""
+            positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
+            mask = gather_mask(mask, keep) if mask is not None and cache is None else None
+            pe = gather_rotary(pe, keep) if pe is not None else None
+            return positions, kinds, valid, mask, pe
+
         def check_keep(keep: torch.Tensor) -> torch.Tensor:
             keep = keep.to(h.device)
             if keep.ndim != 2 or keep.shape[0] != h.shape[0]:
@@ -580,12 +590,8 @@ class VLAModel(nn.Module):
             if keep is not None:
                 keep = check_keep(keep)
                 h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
-                positions, kinds, valid = (t.gather(1, keep) for t in (positions, kinds, valid))
+                positions, kinds, valid, mask, pe = cut_tables(keep, positions, kinds, valid, mask, pe)
                 ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
-                # the mask and the rotary tables depend on each token's own position/kind/validity only, so
-                # the kept tokens' rows and columns of the current ones are exact (no rebuild per cut)
-                mask = gather_mask(mask, keep) if mask is not None and cache is None else None
-                pe = gather_rotary(pe, keep) if pe is not None else None
                 n_visual = None
             if pe is None:
                 pe = dec.rotary_emb(h, position_ids=positions)
@@ -641,10 +647,8 @@ class VLAModel(nn.Module):
                 decided = i + 1
                 k2 = early["keep"]
                 if k2 is not None:  # h already holds only the kept rows
-                    positions, kinds, valid = (t.gather(1, k2) for t in (positions, kinds, valid))
+                    positions, kinds, valid, mask, pe = cut_tables(k2, positions, kinds, valid, mask, pe)
                     ctx.positions, ctx.kinds, ctx.valid = positions, kinds, valid
-                    mask = gather_mask(mask, k2) if mask is not None else None
-                    pe = gather_rotary(pe, k2) if pe is not None else None
                     n_visual = None
             n_run = end
             i = end
