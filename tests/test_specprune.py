@@ -630,3 +630,31 @@ def test_early_cut_inside_the_previous_layer_equals_cutting_after_it(name: str) 
     for (a0, v0, k0, t0), (a1, v1, k1, t1) in zip(*runs):
         torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-5)
         assert v0 == v1 and k0 == k1 and t0 == t1
+
+
+def test_early_cuts_fall_back_to_cutting_after_the_layer_when_the_lean_path_is_not_taken() -> None:
+    """A lean layer that falls back to the stock forward (here: a forward hook on its MLP) never calls row_select;
+    the loop then cuts after the full layer, with the same kept sets and actions as without early cuts."""
+    from vla_runtime.policies.vla.lean_layers import use_lean_layers
+
+    model, tok = tiny_model()
+    model.decoder.config._attn_implementation = "sdpa"
+    use_lean_layers(model.decoder, True)
+    handles = [layer.mlp.register_forward_hook(lambda m, a, out: None) for layer in model.decoder.layers]
+    runs = []
+    for early in (False, True):
+        pr = make_pruner(model, "specprune", budget_coarse=0.25)
+        pr.early_cuts = early
+        rec = Recorder(pr)
+        with torch.no_grad():
+            a, c = step(model, rec, inputs(model, tok, seed=3), {}, 0)
+        runs.append((a, visual_ids(c), kept_after_static(rec, 1), list(c.tokens_per_layer)))
+        pr.remove_row_hooks()
+    from vla_runtime.policies.vla.lean_layers import lean_calls
+
+    assert lean_calls(model.decoder) == 0  # every call took the stock forward
+    for h in handles:
+        h.remove()
+    (a0, v0, k0, t0), (a1, v1, k1, t1) = runs
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-6)
+    assert v0 == v1 and k0 == k1 and t0 == t1 and t1[1] < t1[0]  # the cut still happened, after layer 0
