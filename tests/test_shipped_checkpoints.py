@@ -35,18 +35,22 @@ def test_shipped_checkpoint_loads_and_acts(name: str) -> None:
     assert np.isfinite(chunk.actions).all()
 
 
-TUNED = [n for n in SHIPPED if n.startswith("vla:") and (shipped_checkpoints()[n.split(":", 1)[1]] / "config.json")
-         .read_text().find('"specprune"') >= 0]
+def _specprune_settings(name: str) -> dict:
+    """The checkpoint's `extra.specprune` as the runtime reads it (VLAConfig), {} when it has none."""
+    from vla_runtime.policies.vla.configuration import VLAConfig
+
+    cfg = VLAConfig.load(shipped_checkpoints()[name.split(":", 1)[1]] / "config.json")
+    return dict((cfg.extra or {}).get("specprune") or {})
+
+
+TUNED = [n for n in SHIPPED if n.startswith("vla:") and _specprune_settings(n)]
 
 
 @pytest.mark.parametrize("name", TUNED)
 def test_shipped_specprune_settings_are_used_by_accel_specprune(name: str) -> None:
     """A VLA shipped with its own SpecPrune settings (config extra.specprune) gets them from `--accel specprune`
     with no options, and they are valid SpecPrune options."""
-    import json
-
-    path = shipped_checkpoints()[name.split(":", 1)[1]]
-    want = json.loads((path / "config.json").read_text())["extra"]["specprune"]
+    want = _specprune_settings(name)
     policy = make_policy(name, accel=("specprune",))
     cfg = policy.pruner.cfg  # type: ignore[attr-defined]
     for k, v in want.items():

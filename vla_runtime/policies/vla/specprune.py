@@ -34,7 +34,6 @@ FastV-style), `prune-framediff` (frame difference only, VLA-Cache-style selectio
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -858,13 +857,14 @@ def _default_policy(policy: str) -> str:
     if not vlas:
         raise UserError("bench specprune needs a VLA: none is shipped; pass --policy vla:<checkpoint dir>")
     from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.vla.configuration import VLAConfig
 
     def tuned(name: str) -> bool:  # a checkpoint shipped with its own SpecPrune settings (config extra.specprune)
         try:
-            cfg = json.loads((resolve_checkpoint(name.partition(":")[2]) / "config.json").read_text())
-        except (OSError, ValueError, UserError):
+            cfg = VLAConfig.load(resolve_checkpoint(name.partition(":")[2]) / "config.json")
+        except (UserError, TypeError, ValueError):
             return False
-        return bool((cfg.get("extra") or {}).get("specprune"))
+        return bool((cfg.extra or {}).get("specprune"))
 
     return next((v for v in vlas if tuned(v)), vlas[0])
 
