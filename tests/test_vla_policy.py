@@ -16,6 +16,7 @@ from vla_runtime.errors import UserError
 from vla_runtime.policies import make_policy
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.modeling import StepContext, VLAModel
+from vla_runtime.policies.dtypes import cpu_has_native_bf16, resolve_dtype
 from vla_runtime.policies.vla.policy import ACCELERATIONS, Normalizer, load_vla_policy, save_checkpoint
 from vla_runtime.policies.vla.tokenizer import WordTokenizer
 from vla_runtime.runtime.types import Policy
@@ -62,17 +63,20 @@ def test_cpu_fast_paths_defaults_and_switches(tmp_path: Path) -> None:
 
     ar, par = make_ckpt(tmp_path, "ar"), make_ckpt(tmp_path, "parallel")
     # (checkpoint, options, lean layers, float32 decode)
-    cases = [(ar, {}, True, True), (ar, {"dtype": "fp32"}, True, False), (ar, {"cpu_decode_fp32": False}, True, False),
-             (ar, {"cpu_lean_layers": False}, False, True), (par, {}, True, False),
-             (par, {"cpu_decode_fp32": True, "cpu_lean_layers": False}, False, True)]
+    bf = {"dtype": "bf16"}
+    cases = [(ar, bf, True, True), (ar, {"dtype": "fp32"}, True, False), (ar, {**bf, "cpu_decode_fp32": False}, True, False),
+             (ar, {**bf, "cpu_lean_layers": False}, False, True), (par, bf, True, False),
+             (par, {**bf, "cpu_decode_fp32": True, "cpu_lean_layers": False}, False, True),
+             # auto: bf16 (and so the float32 decode steps) only on a CPU with native bf16
+             (ar, {}, True, cpu_has_native_bf16())]
     for ck, kw, lean, fp32 in cases:
         pol = load_vla_policy(ck, **kw)  # type: ignore[arg-type]
         layer = pol.model.decoder.layers[0]
         assert (pol.cpu_lean_layers, pol.cpu_decode_fp32, pol.model.decode_fp32) == (lean, fp32, fp32), (ck.name, kw)
         assert isinstance(layer.__dict__.get("forward"), _LeanForward) is lean, (ck.name, kw)
         assert (type(layer.self_attn.q_proj) is SmallBatchLinear) is fp32, (ck.name, kw)
-    fast = load_vla_policy(ar)
-    stock = load_vla_policy(ar, cpu_decode_fp32=False, cpu_lean_layers=False)
+    fast = load_vla_policy(ar, dtype="bf16")
+    stock = load_vla_policy(ar, dtype="bf16", cpu_decode_fp32=False, cpu_lean_layers=False)
     env = DummyReachEnv(image_size=32)
     obs = env.reset(EpisodeSpec("dummy:reach", "reach", 0, 0))
     for p in (fast, stock):
@@ -80,6 +84,21 @@ def test_cpu_fast_paths_defaults_and_switches(tmp_path: Path) -> None:
     # float32 decoding changes rounding, not the model: the chunks stay within a bin or two of bf16 decoding
     step = 2.0 / fast.model.cfg.n_bins * 4.0  # widest action range (4) over the bins, two bins
     assert np.abs(fast.act(obs).actions - stock.act(obs).actions).max() <= step
+
+
+def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vla_runtime.policies import dtypes
+
+    assert cpu_has_native_bf16("flags : fpu sse avx2 avx512f avx512_bf16 amx_tile") is True
+    assert cpu_has_native_bf16("flags : fpu sse avx2 amx_bf16") is True
+    assert cpu_has_native_bf16("flags : fpu sse avx2 avx512f avx512bw") is False  # AVX-512 without BF16
+    assert cpu_has_native_bf16("flags : fpu sse avx2") is False
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(dtypes, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype("auto", "cpu") is want
+        assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("fp32", "cpu") is torch.float32
+    with pytest.raises(UserError, match="dtype must be"):
+        resolve_dtype("int8", "cpu")
 
 
 def test_policy_rejects_bad_inputs(tmp_path: Path) -> None:
@@ -317,7 +336,7 @@ def test_bench_compares_stock_and_lean_cpu_paths(tmp_path: Path) -> None:
     from vla_runtime.policies.vla.bench import bench_vla
 
     res = bench_vla(VLAConfig(mode="ar", **TINY), steps=1, warmup=0, threads=1, peak_seconds=0.05,  # type: ignore[arg-type]
-                    cpu_paths="both")
+                    cpu_paths="both", dtype="bf16")
     names = [m["name"] for m in res["methods"]]
     assert names == ["full (stock)", "full (lean)"] and res["baseline"] == "full (stock)"
     assert [(m["cpu_lean_layers"], m["cpu_decode_fp32"]) for m in res["methods"]] == [(False, False), (True, True)]

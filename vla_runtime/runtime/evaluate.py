@@ -228,6 +228,10 @@ def machine_info() -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+        from vla_runtime.policies.dtypes import cpu_has_native_bf16
+
+        info["cpu_native_bf16"] = cpu_has_native_bf16()  # what `dtype auto` keys on
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:

@@ -24,7 +24,7 @@ from vla_runtime.envs.dummy import DummyReachEnv
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.modeling import RandomVisualDrop, VLAModel, count_params
-from vla_runtime.policies.vla.policy import VLAPolicy, build_strategies, load_vla_policy
+from vla_runtime.policies.vla.policy import VLAPolicy, build_strategies, load_vla_policy, resolve_dtype
 from vla_runtime.policies.vla.tokenizer import WordTokenizer
 
 
@@ -70,7 +70,7 @@ def _policy_from(source: str | Path | VLAConfig | dict[str, Any], device: str, d
                                cuda_graphs=cuda_graphs)
     cfg = source if isinstance(source, VLAConfig) else VLAConfig(**source)
     tok = WordTokenizer.from_instructions(["reach the red target"])
-    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tdt = resolve_dtype(dtype, device)
     if model is None:
         torch.manual_seed(0)
         # built on the target device in the target dtype: a 7B-size random model never exists in fp32 on the CPU
@@ -119,7 +119,7 @@ def _run(policy: VLAPolicy, steps: int, warmup: int, seed: int) -> dict[str, Any
 
 
 def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int = 20, out_dir: str | Path | None = None,
-              device: str = "cpu", dtype: str = "bf16", threads: int | None = 1, accel: Sequence[str] = (),
+              device: str = "cpu", dtype: str = "auto", threads: int | None = 1, accel: Sequence[str] = (),
               keep: Sequence[float] = (), drop_layer: int = 1, warmup: int = 3, seed: int = 0,
               peak_seconds: float = 1.0, graphs: str = "auto", cpu_paths: str = "auto") -> dict[str, Any]:
     """Benchmark a checkpoint ("vla:<name>", a name or a directory) or a config with random weights (None: the
@@ -145,7 +145,7 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
     cg = False if graphs == "off" else None
     base = _policy_from(source, device, dtype, (), cuda_graphs=cg)
     cfg = base.cfg
-    peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, device=device,
+    peak = matmul_peak_gflops(resolve_dtype(dtype, device), device=device,
                               seconds=peak_seconds, n=8192 if device.startswith("cuda") else 1024)
     env = DummyReachEnv(cameras=cfg.cameras, image_size=cfg.image_size)
     obs0 = env.reset(EpisodeSpec("dummy:reach", "reach", 0, seed))
@@ -194,7 +194,7 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
            "baseline": methods[0]["name"], "cuda_graph_stats": res_graphs,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
-                       "dtype": dtype, "matmul_peak_gflops": round(peak, 1),
+                       "dtype": str(base.dtype).replace("torch.", ""), "matmul_peak_gflops": round(peak, 1),
                        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
            "model": {"mode": cfg.mode, "params_m": round(count_params(base.model) / 1e6, 3),
                      "decoder_params_m": round(count_params(base.model.decoder) / 1e6, 3),
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accel", default="", help="comma-separated registered accelerations")
     p.add_argument("--keep", default="", help="comma-separated random keep fractions, e.g. 0.5,0.3,0.2")

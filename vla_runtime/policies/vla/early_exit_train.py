@@ -328,7 +328,7 @@ def collect_chunks(policy: Any, episodes: list[list[Any]]) -> list[dict[str, Any
 def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, device: str = "cpu", *,
                           config: EarlyExitConfig | None = None, max_chunks: int = 400, max_per_episode: int = 40,
                           epochs: int = 60, target_precision: float | None = None, check_cost: float = 0.25,
-                          dtype: str = "bf16", seed: int = 0, accel: tuple[str, ...] = ()) -> dict[str, Any]:
+                          dtype: str = "auto", seed: int = 0, accel: tuple[str, ...] = ()) -> dict[str, Any]:
     """Collect rollouts of CHECKPOINT on the demos in DATA_DIRS, train the per-layer predictors, write OUT.
 
     OUT is usually <checkpoint>/exit_predictors (the default the `earlyexit` acceleration loads). `accel` names
@@ -367,7 +367,7 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     bank = fit_bank(samples, model, cfg, mode, epochs=epochs, target_precision=target_precision,
                     check_cost=check_cost, seed=seed)
     bank.meta["train"].update({"checkpoint": str(ck), "data": [str(d) for d in data_dirs], "chunks": len(chunks),
-                               "episodes": len(episodes), "dtype": dtype, "collect_s": round(t1 - t0, 1),
+                               "episodes": len(episodes), "dtype": str(policy.dtype).replace("torch.", ""), "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
                                "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel),
                                "weights_sha256": weights_digest(ck)})

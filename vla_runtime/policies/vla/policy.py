@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
+from vla_runtime.policies.dtypes import DTYPES, cpu_has_native_bf16, resolve_dtype  # noqa: F401 (re-exported)
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.lean_layers import use_lean_layers
 from vla_runtime.policies.vla.modeling import (ExitPolicy, StepContext, TokenPruner, VLAModel, count_params,
@@ -119,7 +120,7 @@ class VLAPolicy:
     """A VLA as a runtime `Policy`: one forward (parallel) or one prefill + token loop (AR) per chunk."""
 
     def __init__(self, model: VLAModel, tokenizer: WordTokenizer | HFTokenizer, stats: dict[str, np.ndarray],
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  pruner: TokenPruner | None = None, exit_policy: ExitPolicy | None = None, name: str = "vla",
                  accel: tuple[str, ...] = (), cuda_graphs: bool | None = None,
                  cpu_decode_fp32: bool | None = None, cpu_lean_layers: bool | None = None) -> None:
@@ -127,9 +128,11 @@ class VLAPolicy:
         cpu_lean_layers: on the CPU, Llama / Qwen2 layers run a lean fused forward at inference (lean_layers.py,
         same results); cpu_decode_fp32: on the CPU with bf16/fp16 weights, AR decode steps run in float32 after
         the bf16 prefill (faster for one row). None = on for models up to 200M decoder parameters (AR only for
-        the second)."""
+        the second). dtype None: `resolve_dtype("auto", device)`."""
         self.cfg = model.cfg
         self.device = torch.device(device)
+        if dtype is None:
+            dtype = resolve_dtype("auto", str(self.device))
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
         small_cpu = self.device.type == "cpu" and count_params(self.model.decoder) <= 200_000_000
@@ -335,14 +338,12 @@ def is_vla_checkpoint(ckpt_dir: str | Path) -> bool:
 
 
 def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str, ...] = (), mode: str | None = None,
-                    dtype: str = "bf16", accel_options: dict[str, Any] | None = None, **kw: Any) -> VLAPolicy:
+                    dtype: str = "auto", accel_options: dict[str, Any] | None = None, **kw: Any) -> VLAPolicy:
     """A VLA policy from a checkpoint directory: ours (config.json kind "vla") or a HF decoder/VLM directory
     (wrapped by `hf_loader`, see there). `mode` checks (ours) or picks (HF) the decoding mode."""
     d = Path(ckpt_dir)
     dev = _device(device)
-    tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(dtype)
-    if tdtype is None:
-        raise UserError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    tdtype = resolve_dtype(dtype, dev)
     unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs", "cpu_decode_fp32", "cpu_lean_layers"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
