@@ -218,7 +218,7 @@ def test_lazy_kv_fill_equals_the_full_model_after_exits() -> None:
 def test_copy_kv_fill_writes_every_deeper_layer() -> None:
     m = tiny_model(layers=4, chunk_size=3)
     cfg = EarlyExitConfig(n_neighbors=1, n_shallow=2, shallow_layer=0, kv_fill="copy", online=False)
-    pol = ForcedExit(m, const_bank(m, 0.0, cfg), cfg)
+    pol = ForcedExit(m, const_bank(m, 0.0, cfg), cfg, record_chunks=True)
     caches: list[object] = []
     hk = m.decoder.layers[0].register_forward_pre_hook(
         lambda mod, a, kw: caches.append(kw.get("cache", kw.get("past_key_values"))), with_kwargs=True)
@@ -231,6 +231,47 @@ def test_copy_kv_fill_writes_every_deeper_layer() -> None:
     lens = {cache.seq_len(j) for j in range(m.n_layers)}  # type: ignore[attr-defined]
     assert len(lens) == 1  # every layer holds a key for every token (the last token's own keys excepted: none)
     assert all(torch.isfinite(cache.k[j]).all() for j in range(m.n_layers))  # type: ignore[attr-defined]
+    # the bench's agreement replay needs the prefill snapshot, taken although only layer 0 is hooked in this mode
+    assert len(pol.stats.chunks) == 1 and len(pol.stats.chunks[0]["k"]) == m.n_layers
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_copy_fill_equals_the_per_layer_copy_fill(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused copy fill (stacked k/v rows with the input norms folded in, one rotary) writes the same keys and
+    values as running each deeper layer's own norm / k_proj / v_proj / rotary (Qwen2: with k/v biases)."""
+    def run(fused: bool) -> tuple[list[torch.Tensor], object, list[torch.Tensor]]:
+        m = tiny_model(layers=4, chunk_size=3, decoder_family=family)
+        for l in m.decoder.layers:  # non-trivial norm weights, so folding them into the rows is exercised
+            torch.nn.init.uniform_(l.input_layernorm.weight, 0.5, 1.5)
+        logits, exits, pol = _run_forced(m, "copy") if fused else _run_with_stock_copy(m)
+        assert (pol._copy_w is not None) is fused
+        return logits, exits, pol._last_cache.k + pol._last_cache.v  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(ForcedExit, "_on_head", _keep_cache(ForcedExit._on_head))
+    logits_f, exits_f, kv_f = run(True)
+    logits_s, exits_s, kv_s = run(False)
+    assert exits_f == exits_s and 2 in exits_f
+    for a, b in zip(kv_f, kv_s):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(logits_f, logits_s):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _keep_cache(on_head):  # type: ignore[no-untyped-def]
+    def f(self, module, args, out):  # type: ignore[no-untyped-def]
+        if self._active and self._cache is not None:
+            self._last_cache = self._cache
+        return on_head(self, module, args, out)
+    return f
+
+
+def _run_with_stock_copy(m: VLAModel) -> tuple[list[torch.Tensor], list[int], ForcedExit]:
+    orig = ForcedExit._copy_weights
+    ForcedExit._copy_weights = lambda self: None  # type: ignore[method-assign]  # force the per-layer path
+    try:
+        return _run_forced(m, "copy")
+    finally:
+        ForcedExit._copy_weights = orig  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------------------------- schedules

@@ -454,6 +454,8 @@ class EarlyExitPolicy:
         self._last_raw: torch.Tensor | None = None  # the suffix rows after the last layer seen (look-back source)
         self._last_raw_layer = -1
         self._layer_kwargs: dict[str, Any] = {}
+        self._copy_w: tuple[torch.Tensor, torch.Tensor | None, float, int, int] | None = None  # fused copy fill
+        self._copy_w_ready = False
         if self.mode == "ar":
             self._install_hooks()
         elif record_chunks:  # parallel bench shadow: keep the latest layer call's kwargs to replay the rest
@@ -465,6 +467,7 @@ class EarlyExitPolicy:
         if self._device == ref.device:
             return
         self._device = ref.device
+        self._copy_w_ready = False  # rebuilt on the new device
         self._params = {i: {k: v.to(ref.device, torch.float32) for k, v in p.items()}
                         for i, p in self.bank.params.items()}
         if self.mode == "ar":
@@ -472,6 +475,8 @@ class EarlyExitPolicy:
             self._norm_w, self._norm_eps = w.to(ref.device), eps
             self._head_w = ar_head_weight(self.model)
             self._head_w32 = self._head_w.float()  # the shallow ranking and the exit argmax run in float32
+            self._norm_w32 = self._norm_w.float()
+            self._rows_t: torch.Tensor | None = None
 
     def threshold(self, layer: int) -> float:
         if self.cfg.threshold is not None:
@@ -482,6 +487,8 @@ class EarlyExitPolicy:
     def _install_hooks(self) -> None:
         self._hooks.append(self.model.head.register_forward_hook(self._on_head))
         for j, layer in enumerate(self.model.decoder.layers):
+            if j > 0 and self.cfg.kv_fill != "lazy":  # only the lazy fill adds rows; the others need layer 0's
+                break  # cache and rotary (a hook on every layer costs ~10 us per layer call on the CPU)
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(j), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(j)))
 
@@ -512,13 +519,13 @@ class EarlyExitPolicy:
 
     def _make_pre_hook(self, j: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not self._active:
-                return None
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if isinstance(cache, LayerKVCache):
+            if isinstance(cache, LayerKVCache):  # also in the prefill (before the chunk starts, at layer 0)
                 self._cache = cache
             if j == 0:
                 self._pe = kwargs.get("position_embeddings")
+            if not self._active:
+                return None
             todo = [p for p in self._pending if p.state == j]
             if not todo or not isinstance(cache, LayerKVCache):
                 return None
@@ -571,12 +578,70 @@ class EarlyExitPolicy:
 
     # ---- copy fill (CALM-style) ---------------------------------------------------------------------------
     def _copy_fill(self, i: int, hidden: torch.Tensor, ctx: StepContext) -> None:
-        """Fill layers > i with keys/values projected from the exit hidden state (approximate, cheap)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        """Fill layers > i with keys/values projected from the exit hidden state (approximate, cheap).
 
+        Fused where every layer is a stock Llama / Qwen2 layer with one RMSNorm epsilon: each layer's k/v rows
+        with its input-norm weight folded in, stacked by layer (`_copy_weights`), so the deeper layers' keys and
+        values are one batched matvec + one rotary instead of ~10 module calls per layer (on the CPU the stock
+        path cost more than the layers an exit saves). Same math as `_copy_fill_stock` (tested)."""
         cache = self._cache
         if cache is None or self._pe is None:
             raise RuntimeError("earlyexit: copy fill found no KV cache in the decode loop")
+        assert ctx.positions is not None and ctx.kinds is not None and ctx.valid is not None
+        fused = self._copy_weights()
+        if fused is None or hidden.shape[0] != 1:
+            self._copy_fill_stock(i, hidden, ctx)
+            return
+        w, b, eps, n_kv, hd = fused
+        L = self.n_layers
+        x = hidden[0, -1].float()  # (D,)
+        xn = x * torch.rsqrt(x.pow(2).mean() + eps)
+        kv = torch.matmul(w[i + 1:], xn)  # (n, 2 * Hkv * hd): every deeper layer at once
+        if b is not None:
+            kv = kv + b[i + 1:]
+        kv = kv.view(L - 1 - i, 2, n_kv, hd)
+        cos, sin = (t[0, -1].float() for t in self._pe)  # (hd,) the current token's rotary
+        k = kv[:, 0]
+        k1, k2 = k.chunk(2, -1)
+        k = k * cos + torch.cat((-k2, k1), -1) * sin
+        v = kv[:, 1]
+        for n, j in enumerate(range(i + 1, L)):
+            dt = cache.k[j].dtype if cache.k[j] is not None else hidden.dtype  # type: ignore[union-attr]
+            cache.update(k[n, :, None, :][None].to(dt), v[n, :, None, :][None].to(dt), j)
+            cache.add_meta(j, ctx.positions, ctx.kinds, ctx.valid)
+
+    def _copy_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, float, int, int] | None:
+        """(W (L, 2*Hkv*hd, D) float32 with each layer's input-norm weight folded in, biases (L, 2*Hkv*hd) or None,
+        eps, Hkv, hd), built once; None when a layer is not a stock Llama / Qwen2 layer or the epsilons differ."""
+        if self._copy_w_ready:
+            return self._copy_w
+        from vla_runtime.policies.vla.lean_layers import lean_supported
+
+        layers = list(self.model.decoder.layers)
+        dev = self._device
+        out = None
+        if all(lean_supported(l) for l in layers) and \
+                len({float(l.input_layernorm.variance_epsilon) for l in layers}) == 1:
+            ws, bs = [], []
+            for l in layers:
+                a, ln = l.self_attn, l.input_layernorm.weight.detach().float()
+                ws.append(torch.cat([a.k_proj.weight, a.v_proj.weight], 0).detach().float() * ln[None, :])
+                if a.k_proj.bias is not None or a.v_proj.bias is not None:
+                    bs.append(torch.cat([(p.bias if p.bias is not None else torch.zeros(p.out_features,
+                                          device=p.weight.device)).detach().float() for p in (a.k_proj, a.v_proj)]))
+            a0 = layers[0].self_attn
+            hd = int(a0.head_dim)
+            out = (torch.stack(ws).to(dev).contiguous(), torch.stack(bs).to(dev) if len(bs) == len(ws) else None,
+                   float(layers[0].input_layernorm.variance_epsilon), a0.k_proj.out_features // hd, hd)
+        self._copy_w, self._copy_w_ready = out, True
+        return out
+
+    def _copy_fill_stock(self, i: int, hidden: torch.Tensor, ctx: StepContext) -> None:
+        """The copy fill through each deeper layer's own modules (any decoder family; the fused path's reference)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cache = self._cache
+        assert cache is not None and self._pe is not None
         assert ctx.positions is not None and ctx.kinds is not None and ctx.valid is not None
         cos, sin = self._pe
         B, Q, _ = hidden.shape
@@ -658,8 +723,7 @@ class EarlyExitPolicy:
             return False
         h = hidden[:, -1]  # (1, D)
         if i == self.cfg.shallow_layer and self._check and self._cand is None and self.cfg.n_shallow > 0:
-            n = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self._norm_eps) * self._norm_w.float()
-            self._set_candidates(build_candidates(self._prev_token, (n @ self._head_w32.t())[0], self.cfg,
+            self._set_candidates(build_candidates(self._prev_token, self._full_logits(h), self.cfg,
                                                   self.model.cfg.n_bins))
         if self._cand is None or i not in self._check or i not in self._params or i < self.cfg.shallow_layer:
             return False
@@ -687,14 +751,12 @@ class EarlyExitPolicy:
                                   check_indices=False)
             score, self._prev_probs = pred.score, pred.cand_probs
         else:
-            score, self._prev_probs = self._lean_score(h, p)
+            score, self._prev_probs = self._lean_score(h, i)
         self.stats.checks += 1
         self.last_score = float(score[0])
         if self.last_score < self.threshold(i):
             return False
-        # not `self.model.head(...)`: that would fire the emitted-token hook
-        normed = self.model.decoder.norm(hidden[:, -1]).float()
-        top = int(torch.nn.functional.linear(normed, self._head_w32)[0].argmax())
+        top = int(self._full_logits(h).argmax())
         if top not in self._cand_list:  # SpecEE's rule: the layer's own token must be a candidate
             self.stats.rejected_by_argmax += 1
             return False
@@ -707,18 +769,25 @@ class EarlyExitPolicy:
 
         return self.cfg.backend is not None or h.is_cuda or interpret_requested()
 
-    def _lean_score(self, h: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Every bin's logit (n_bins,) from hidden state h (1, D) through the final norm and the action head, in
+        float32 (not `self.model.head(...)`: that would fire the emitted-token hook). Two fused ops."""
+        n = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), self._norm_w32, self._norm_eps)
+        return torch.nn.functional.linear(n, self._head_w32)[0]
+
+    def _lean_score(self, h: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Same math as `exit_predictor_torch` (RMSNorm in float32, C head rows, softmax, [l | p | p - prev], MLP)
-        with the norm weight folded into the C candidate rows once per token: ~10 small ops instead of ~30 plus
-        checks, which matters on CPU where a predictor call competes with a whole layer's op overhead."""
-        x = h.float()  # (1, D)
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._norm_eps)
-        logits = (x @ self._rows_t) * r  # (1, C)
+        with the norm weight folded into the C candidate rows once per token: 8 small ops instead of ~30 plus
+        checks, which matters on CPU where a predictor call competes with a whole decode layer (~0.5 ms).
+        (numpy would need fewer microseconds per op, but its BLAS threads fight torch's for the cores.)"""
+        assert self._rows_t is not None
+        p = self._params[i]
+        x = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), None, self._norm_eps)  # (1, D)
+        logits = x @ self._rows_t  # (1, C)
         probs = torch.softmax(logits, -1)
-        prev = self._prev_probs if self._prev_probs is not None else torch.zeros_like(probs)
-        feats = torch.cat([logits, probs, probs - prev], -1)  # (1, 3C)
+        feats = torch.cat([logits, probs, probs - self._prev_probs if self._prev_probs is not None else probs], -1)
         z = torch.relu(torch.addmm(p["b1"], feats, p["w1"]))
-        return torch.sigmoid(z @ p["w2"][:, 0] + p["b2"]), probs
+        return torch.sigmoid(torch.addmm(p["b2"], z, p["w2"]))[:, 0], probs
 
     def _record_exit(self, n_run: int) -> None:
         self._exits.append(n_run)
