@@ -118,7 +118,10 @@ def lean_weights(layer: nn.Module, dtype: torch.dtype | None = None, pack: bool 
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as the stock layer: statistics in float32, back to the input dtype, then the weight."""
+    """RMSNorm as the stock layer: statistics in float32, back to the input dtype, then the weight. Float32 rows
+    (CPU decode steps, float32 models) take torch's fused rms_norm: one op instead of five, the same math."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        return nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
