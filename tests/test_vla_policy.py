@@ -169,8 +169,10 @@ def test_train_resume_and_act(mode: str, tmp_path: Path) -> None:
     r1 = train_vla([data], out, mode=mode, steps=3, batch_size=4, save_every=2, log_every=1, config=cfg,
                    progress=False, drop_prob=0.5)
     assert r1["step"] == 3 and np.isfinite(r1["loss"])
-    r2 = train_vla([data], out, mode=mode, steps=5, batch_size=4, save_every=2, log_every=1, progress=False)
+    r2 = train_vla([data], out, mode=mode, steps=5, batch_size=4, save_every=2, log_every=1, progress=False,
+                   bf16=False)
     assert r2["step"] == 5
+    assert r1["bf16"] is cpu_has_native_bf16() and r2["bf16"] is False  # default: bf16 autocast only where native
     steps = [json.loads(line)["step"] for line in (out / "loss_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # resumed, not restarted; the log survives checkpoint swaps
     tok = json.loads((out / "vla_tokenizer.json").read_text())["vocab"]
