@@ -99,6 +99,10 @@ def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it(monkeypatch: pytes
         assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("fp32", "cpu") is torch.float32
     with pytest.raises(UserError, match="dtype must be"):
         resolve_dtype("int8", "cpu")
+    # no native bf16, but a float32 copy of these weights would not fit: bf16 (loadable) rather than float32
+    monkeypatch.setattr(dtypes, "available_memory_bytes", lambda: 16 * 2**30)
+    assert resolve_dtype("auto", "cpu", weight_bytes=14 * 2**30) is torch.bfloat16  # a 7B checkpoint in bf16
+    assert resolve_dtype("auto", "cpu", weight_bytes=13 * 2**20) is torch.float32  # the shipped 13 MB VLA
 
 
 def test_policy_rejects_bad_inputs(tmp_path: Path) -> None:

@@ -456,8 +456,9 @@ class EarlyExitPolicy:
         self._layer_kwargs: dict[str, Any] = {}
         self._copy_w: tuple[torch.Tensor, torch.Tensor | None, float, int, int] | None = None  # fused copy fill
         self._copy_w_ready = False
+        self._rows_t: torch.Tensor | None = None  # (D, C) the candidates' norm-folded head rows (CPU checks)
         if self.mode == "ar":
-            self._install_hooks()
+            self._install_hooks()  # which layers get hooks depends on cfg.kv_fill, fixed at construction
         elif record_chunks:  # parallel bench shadow: keep the latest layer call's kwargs to replay the rest
             for layer in model.decoder.layers:
                 self._hooks.append(layer.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True))
@@ -476,7 +477,7 @@ class EarlyExitPolicy:
             self._head_w = ar_head_weight(self.model)
             self._head_w32 = self._head_w.float()  # the shallow ranking and the exit argmax run in float32
             self._norm_w32 = self._norm_w.float()
-            self._rows_t: torch.Tensor | None = None
+            self._rows_t = None
 
     def threshold(self, layer: int) -> float:
         if self.cfg.threshold is not None:

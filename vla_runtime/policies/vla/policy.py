@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vla_runtime.errors import UserError
-from vla_runtime.policies.dtypes import DTYPES, cpu_has_native_bf16, resolve_dtype  # noqa: F401 (re-exported)
+from vla_runtime.policies.dtypes import (DTYPES, cpu_has_native_bf16, resolve_dtype,  # noqa: F401 (re-exported)
+                                        weight_file_bytes)
 from vla_runtime.policies.vla.configuration import VLAConfig
 from vla_runtime.policies.vla.lean_layers import use_lean_layers
 from vla_runtime.policies.vla.modeling import (ExitPolicy, StepContext, TokenPruner, VLAModel, count_params,
@@ -343,7 +344,7 @@ def load_vla_policy(ckpt_dir: str | Path, device: str = "cpu", accel: tuple[str,
     (wrapped by `hf_loader`, see there). `mode` checks (ours) or picks (HF) the decoding mode."""
     d = Path(ckpt_dir)
     dev = _device(device)
-    tdtype = resolve_dtype(dtype, dev)
+    tdtype = resolve_dtype(dtype, dev, weight_bytes=weight_file_bytes(d))
     unknown_kw = sorted(set(kw) - {"env_name", "cuda_graphs", "cpu_decode_fp32", "cpu_lean_layers"})
     if unknown_kw:
         raise UserError(f"unknown VLA policy options: {unknown_kw}")
