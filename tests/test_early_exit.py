@@ -335,6 +335,29 @@ def _ckpt_and_demos(tmp_path: Path, mode: str) -> tuple[Path, Path]:
     return ck, tmp_path / "demos"
 
 
+def test_predictors_train_on_the_policys_own_closed_loop_rollouts(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from vla_runtime.envs import dummy
+
+    monkeypatch.setattr(dummy, "MAX_STEPS", 12)
+    ck, _ = _ckpt_and_demos(tmp_path, "ar")
+    seen: list[int] = []
+    orig_reset = dummy.DummyReachEnv.reset
+    monkeypatch.setattr(dummy.DummyReachEnv, "reset", lambda self, spec: (seen.append(spec.seed), orig_reset(self, spec))[1])
+    out = tmp_path / "pred"
+    EE.train_exit_predictors(str(ck), [], out, epochs=2, rollout_env="dummy:reach", rollout_episodes=3,
+                             rollout_seed=500)
+    meta = json.loads((out / EE.META_FILE).read_text())["train"]
+    stride = VLAConfig(mode="ar", **TINY).n_action_steps
+    # three closed-loop episodes of the dummy env from seed 500, one chunk per n_action_steps of 12 steps each
+    assert seen == [500, 501, 502]
+    assert meta["rollouts"] == {"env": "dummy:reach", "episodes": 3, "first_seed": 500, "chunks": 3 * (12 // stride)}
+    assert meta["chunks"] == 3 * (12 // stride) and meta["demo_files"] == []
+    assert sum(meta["earliest_correct_hist"]) == meta["tokens"] > 0
+    with pytest.raises(UserError, match="--data"):
+        EE.train_exit_predictors(str(ck), [], out)
+
+
 @pytest.mark.parametrize("mode", ["ar", "parallel"])
 def test_train_predictors_then_act_with_accel(mode: str, tmp_path: Path) -> None:
     ck, demos = _ckpt_and_demos(tmp_path, mode)

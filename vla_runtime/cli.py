@@ -174,8 +174,8 @@ def collect(
 
 def train(
     policy: Literal["diffusion", "vla", "exit-predictors"],
-    data: str,
     out: Path,
+    data: str = "",
     steps: int = 20_000,
     batch_size: int = 64,
     resume: bool = True,
@@ -187,6 +187,9 @@ def train(
     init_from: str | None = None,
     target_precision: float | None = None,
     max_chunks: int = 400,
+    rollout_env: str | None = None,
+    rollout_episodes: int = 20,
+    rollout_seed: int = 100_000,
 ) -> None:
     """Train a policy on demo directories (comma-separated DATA) into OUT; resumable.
 
@@ -209,6 +212,10 @@ def train(
         target_precision: exit-predictors: each layer's threshold is the lowest whose exits are correct at this
             rate on held-out chunks (default 0.99 AR, 0.95 parallel); lower trades agreement for depth.
         max_chunks: exit-predictors: rollout chunks collected from the demos for training.
+        rollout_env: exit-predictors: also let the VLA act in this env itself (closed loop) and train on the
+            states it meets there (its own, as early exit meets them online); DATA may then be empty.
+        rollout_episodes: exit-predictors: closed-loop episodes in ROLLOUT_ENV.
+        rollout_seed: exit-predictors: first seed of those episodes (keep it clear of evaluation seeds).
     """
     if threads:
         import torch
@@ -218,6 +225,8 @@ def train(
     for d in dirs:
         if not d.is_dir():
             raise UserError(f"demo directory {d} does not exist")
+    if not dirs and not (policy == "exit-predictors" and rollout_env):
+        raise UserError("--data is required (comma-separated demo directories)")
     if policy == "diffusion":
         from vla_runtime.train.train_diffusion import train_diffusion
 
@@ -246,7 +255,8 @@ def train(
         from vla_runtime.policies.vla.early_exit import train_exit_predictors
 
         train_exit_predictors(checkpoint, dirs, out, device=device, target_precision=target_precision,
-                              max_chunks=max_chunks)
+                              max_chunks=max_chunks, rollout_env=rollout_env, rollout_episodes=rollout_episodes,
+                              rollout_seed=rollout_seed)
 
 
 def probe(

@@ -90,6 +90,45 @@ def _demo_observations(data_dirs: list[Path], cameras: tuple[str, ...], stride: 
     return episodes
 
 
+def _rollout_observations(policy: Any, env_name: str, episodes: int, seed: int, max_per_episode: int,
+                          max_chunks: int) -> list[list[Any]]:
+    """Closed-loop rollouts of the policy itself (full depth, synchronous, n_action_steps actions per chunk):
+    the observations it acted on, per episode. These are the states early exit meets online - the policy's own,
+    failures and hovering included - which demo frames do not cover (closed loop exits later than on demo
+    frames: EARLY_EXIT.md). Seeds `seed`.. must not overlap the seeds the predictors are evaluated on."""
+    from vla_runtime.envs import make_env
+
+    cfg = policy.model.cfg
+    env = make_env(env_name, cameras=tuple(cfg.cameras), image_size=cfg.image_size, render=True)
+    out: list[list[Any]] = []
+    total = 0
+    try:
+        for spec in env.episode_specs(seed, episodes):
+            if total >= max_chunks:
+                break
+            obs = env.reset(spec)
+            policy.reset(obs.instruction)
+            seen: list[Any] = []
+            done = False
+            while not done and len(seen) < max_per_episode and total + len(seen) < max_chunks:
+                seen.append(obs)
+                chunk = policy.act(obs)
+                for a in chunk.actions[:cfg.n_action_steps]:
+                    if hasattr(policy, "on_action"):
+                        policy.on_action(a)
+                    res = env.step(a)
+                    obs, done = res.obs, res.done
+                    if done:
+                        break
+            total += len(seen)
+            out.append(seen)
+    finally:
+        env.close()
+    if total == 0:
+        raise UserError(f"no rollout observations from {env_name}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # AR samples
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,8 +367,14 @@ def collect_chunks(policy: Any, episodes: list[list[Any]]) -> list[dict[str, Any
 def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, device: str = "cpu", *,
                           config: EarlyExitConfig | None = None, max_chunks: int = 400, max_per_episode: int = 40,
                           epochs: int = 60, target_precision: float | None = None, check_cost: float = 0.25,
-                          dtype: str = "auto", seed: int = 0, accel: tuple[str, ...] = ()) -> dict[str, Any]:
+                          dtype: str = "auto", seed: int = 0, accel: tuple[str, ...] = (),
+                          rollout_env: str | None = None, rollout_episodes: int = 20,
+                          rollout_seed: int = 100_000) -> dict[str, Any]:
     """Collect rollouts of CHECKPOINT on the demos in DATA_DIRS, train the per-layer predictors, write OUT.
+
+    With `rollout_env` the policy also acts in that env itself, closed loop, for `rollout_episodes` episodes from
+    `rollout_seed` (kept clear of evaluation seeds), and the predictors train on those states too (DATA_DIRS may
+    then be empty). `max_chunks` bounds the demo chunks and the rollout chunks each.
 
     OUT is usually <checkpoint>/exit_predictors (the default the `earlyexit` acceleration loads). `accel` names
     token pruners to run during collection (e.g. ("specprune",)): predictors for `--accel specprune,earlyexit`
@@ -356,8 +401,16 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     if target_precision is None:
         target_precision = 0.99 if mode == "ar" else 0.95
     used: list[str] = []
+    if not data_dirs and not rollout_env:
+        raise UserError("exit predictors need demo directories (--data) or a rollout env (--rollout-env)")
     episodes = _demo_observations(list(data_dirs), tuple(model.cfg.cameras), model.cfg.n_action_steps, max_chunks,
-                                  max_per_episode, seed, used=used)
+                                  max_per_episode, seed, used=used) if data_dirs else []
+    n_demo_eps = len(episodes)
+    if rollout_env:
+        if rollout_episodes < 1:
+            raise UserError(f"rollout_episodes must be >= 1, got {rollout_episodes}")
+        episodes += _rollout_observations(policy, rollout_env, rollout_episodes, rollout_seed, max_per_episode,
+                                          max_chunks)
     chunks = collect_chunks(policy, episodes)
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -370,7 +423,11 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
                                "episodes": len(episodes), "dtype": str(policy.dtype).replace("torch.", ""), "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
                                "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel),
-                               "weights_sha256": weights_digest(ck)})
+                               "weights_sha256": weights_digest(ck),
+                               "rollouts": {"env": rollout_env, "episodes": len(episodes) - n_demo_eps,
+                                            "first_seed": rollout_seed,
+                                            "chunks": sum(len(e) for e in episodes[n_demo_eps:])}
+                               if rollout_env else None})
     bank.save(out)
     summary = {"out": str(out), "mode": mode, "layers": sorted(bank.params), "offline_layers": bank.offline_layers,
                "thresholds": bank.thresholds, "earliest_correct_hist": bank.meta["train"]["earliest_correct_hist"],
