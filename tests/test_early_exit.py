@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 from pathlib import Path
 
@@ -341,16 +342,20 @@ def test_predictors_train_on_the_policys_own_closed_loop_rollouts(tmp_path: Path
 
     monkeypatch.setattr(dummy, "MAX_STEPS", 12)
     ck, _ = _ckpt_and_demos(tmp_path, "ar")
-    seen: list[int] = []
-    orig_reset = dummy.DummyReachEnv.reset
-    monkeypatch.setattr(dummy.DummyReachEnv, "reset", lambda self, spec: (seen.append(spec.seed), orig_reset(self, spec))[1])
+    seen: list[tuple[int, int | None]] = []
+    orig_reset, orig_specs = dummy.DummyReachEnv.reset, dummy.DummyReachEnv.episode_specs
+    monkeypatch.setattr(dummy.DummyReachEnv, "reset",
+                        lambda self, spec: (seen.append((spec.seed, spec.init_state)), orig_reset(self, spec))[1])
+    # specs that name init states (as LIBERO's do): the rollouts must use fresh placements instead
+    monkeypatch.setattr(dummy.DummyReachEnv, "episode_specs", lambda self, seed, n, tasks=None: [
+        replace(s, init_state=s.seed % 50) for s in orig_specs(self, seed, n, tasks)])
     out = tmp_path / "pred"
     EE.train_exit_predictors(str(ck), [], out, epochs=2, rollout_env="dummy:reach", rollout_episodes=3,
                              rollout_seed=500)
     meta = json.loads((out / EE.META_FILE).read_text())["train"]
     stride = VLAConfig(mode="ar", **TINY).n_action_steps
     # three closed-loop episodes of the dummy env from seed 500, one chunk per n_action_steps of 12 steps each
-    assert seen == [500, 501, 502]
+    assert seen == [(500, None), (501, None), (502, None)]
     assert meta["rollouts"] == {"env": "dummy:reach", "episodes": 3, "first_seed": 500, "chunks": 3 * (12 // stride)}
     assert meta["chunks"] == 3 * (12 // stride) and meta["demo_files"] == []
     assert sum(meta["earliest_correct_hist"]) == meta["tokens"] > 0

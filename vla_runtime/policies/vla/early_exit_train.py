@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +96,18 @@ def _rollout_observations(policy: Any, env_name: str, episodes: int, seed: int, 
     """Closed-loop rollouts of the policy itself (full depth, synchronous, n_action_steps actions per chunk):
     the observations it acted on, per episode. These are the states early exit meets online - the policy's own,
     failures and hovering included - which demo frames do not cover (closed loop exits later than on demo
-    frames: EARLY_EXIT.md). Seeds `seed`.. must not overlap the seeds the predictors are evaluated on."""
+    frames: EARLY_EXIT.md). Seeds `seed`.. must not overlap the seeds the predictors are evaluated on; LIBERO
+    episodes use fresh placements (init_state None), never the benchmark init states evaluation uses."""
     from vla_runtime.envs import make_env
 
     cfg = policy.model.cfg
     env = make_env(env_name, cameras=tuple(cfg.cameras), image_size=cfg.image_size, render=True)
     out: list[list[Any]] = []
     total = 0
+    # fresh placements (init_state None): on LIBERO the benchmark init states are what evaluation uses
+    specs = [replace(s, init_state=None) for s in env.episode_specs(seed, episodes)]
     try:
-        for spec in env.episode_specs(seed, episodes):
+        for spec in specs:
             if total >= max_chunks:
                 break
             obs = env.reset(spec)
