@@ -64,7 +64,8 @@ def test_cpu_fast_paths_defaults_and_switches(tmp_path: Path) -> None:
     ar, par = make_ckpt(tmp_path, "ar"), make_ckpt(tmp_path, "parallel")
     # (checkpoint, options, lean layers, float32 decode)
     bf = {"dtype": "bf16"}
-    cases = [(ar, bf, True, True), (ar, {"dtype": "fp32"}, True, False), (ar, {**bf, "cpu_decode_fp32": False}, True, False),
+    cases = [(ar, bf, True, True), (ar, {"dtype": "fp32"}, True, False),
+             (ar, {**bf, "cpu_decode_fp32": False}, True, False),
              (ar, {**bf, "cpu_lean_layers": False}, False, True), (par, bf, True, False),
              (par, {**bf, "cpu_decode_fp32": True, "cpu_lean_layers": False}, False, True),
              # auto: bf16 (and so the float32 decode steps) only on a CPU with native bf16

@@ -632,8 +632,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lr=a.lr, warmup=a.warmup_steps, threads=a.threads, save_every=a.save_every, drop_keep=a.drop_keep,
                     drop_prob=a.drop_prob, drop_shape=a.drop_shape, max_minutes=a.max_minutes, config=json.loads(a.config),
                     ema_decay=a.ema, init_from=_resolve(a.init_from) if a.init_from else None,
-                    shift=a.shift, bf16=None if a.precision == "auto" else a.precision == "bf16", exit_loss=a.exit_loss, aux_loss=a.aux_loss, exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")]
-                    if a.exit_loss_layers else None)
+                    shift=a.shift, bf16=None if a.precision == "auto" else a.precision == "bf16",
+                    exit_loss=a.exit_loss, aux_loss=a.aux_loss,
+                    exit_loss_layers=[int(x) for x in a.exit_loss_layers.split(",")] if a.exit_loss_layers else None)
     print(json.dumps({"event": "done", **res}), flush=True)
 
 

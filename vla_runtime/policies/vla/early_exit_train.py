@@ -424,7 +424,8 @@ def train_exit_predictors(checkpoint: str, data_dirs: list[Path], out: Path, dev
     bank = fit_bank(samples, model, cfg, mode, epochs=epochs, target_precision=target_precision,
                     check_cost=check_cost, seed=seed)
     bank.meta["train"].update({"checkpoint": str(ck), "data": [str(d) for d in data_dirs], "chunks": len(chunks),
-                               "episodes": len(episodes), "dtype": str(policy.dtype).replace("torch.", ""), "collect_s": round(t1 - t0, 1),
+                               "episodes": len(episodes), "dtype": str(policy.dtype).replace("torch.", ""),
+                               "collect_s": round(t1 - t0, 1),
                                "total_s": round(time.perf_counter() - t0, 1),
                                "tokens": samples.get("n_tokens"), "demo_files": used, "accel": list(accel),
                                "weights_sha256": weights_digest(ck),
