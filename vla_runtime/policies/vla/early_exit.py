@@ -376,6 +376,7 @@ class _Pending:
     hidden: torch.Tensor  # (B, 1, D)
     pos: torch.Tensor  # (B, 1)
     state: int
+    pe: tuple[torch.Tensor, torch.Tensor] | None = None  # its rotary (cos, sin) (B, 1, hd), reused per layer
 
 
 @dataclass
@@ -556,7 +557,11 @@ class EarlyExitPolicy:
         mask = build_attention_mask(qpos, qkind, cache.pos[j], cache.kind[j], cache.valid[j],  # type: ignore[arg-type]
                                     False, h.dtype)
         hh = torch.cat([ph, h], 1)
-        pe = self.model.decoder.rotary_emb(hh, position_ids=qpos)
+        cur = kwargs.get("position_embeddings")
+        if cur is not None and all(p.pe is not None for p in todo):  # rotary depends on the position only
+            pe = tuple(torch.cat([p.pe[n] for p in todo] + [cur[n]], 1) for n in (0, 1))  # type: ignore[index]
+        else:
+            pe = self.model.decoder.rotary_emb(hh, position_ids=qpos)
         kw = dict(kwargs, attention_mask=mask, position_embeddings=pe, position_ids=qpos)
         self._rows = todo
         self.stats.pending_rows += len(todo)
@@ -734,7 +739,8 @@ class EarlyExitPolicy:
         self._record_exit(i + 1)
         if self.cfg.kv_fill == "lazy":
             assert ctx.positions is not None
-            self._pending.append(_Pending(hidden[:, -1:], ctx.positions[:, -1:], i + 1))
+            pe = self._pe if self._pe is not None and self._pe[0].shape[1] == 1 else None
+            self._pending.append(_Pending(hidden[:, -1:], ctx.positions[:, -1:], i + 1, pe))
         elif self.cfg.kv_fill == "copy":
             self._copy_fill(i, hidden[:, -1:], ctx)
         return True
