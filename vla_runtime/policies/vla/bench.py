@@ -145,7 +145,7 @@ def bench_vla(source: str | Path | VLAConfig | dict[str, Any] | None, steps: int
     cg = False if graphs == "off" else None
     base = _policy_from(source, device, dtype, (), cuda_graphs=cg)
     cfg = base.cfg
-    peak = matmul_peak_gflops(resolve_dtype(dtype, device), device=device,
+    peak = matmul_peak_gflops(base.dtype, device=device,  # the dtype the policy really runs in
                               seconds=peak_seconds, n=8192 if device.startswith("cuda") else 1024)
     env = DummyReachEnv(cameras=cfg.cameras, image_size=cfg.image_size)
     obs0 = env.reset(EpisodeSpec("dummy:reach", "reach", 0, seed))

@@ -51,6 +51,7 @@ from torch import nn
 
 from vla_runtime.errors import UserError
 from vla_runtime.kernels import exit_predictor
+from vla_runtime.policies.vla.lean_layers import _rotate_half, lean_supported
 from vla_runtime.policies.vla.modeling import KIND_SUFFIX, LayerKVCache, StepContext, VLAModel, build_attention_mask
 
 log = logging.getLogger(__name__)
@@ -601,15 +602,14 @@ class EarlyExitPolicy:
         w, b, eps, n_kv, hd = fused
         L = self.n_layers
         x = hidden[0, -1].float()  # (D,)
-        xn = x * torch.rsqrt(x.pow(2).mean() + eps)
+        xn = torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps)  # the norm weights are folded into w
         kv = torch.matmul(w[i + 1:], xn)  # (n, 2 * Hkv * hd): every deeper layer at once
         if b is not None:
             kv = kv + b[i + 1:]
         kv = kv.view(L - 1 - i, 2, n_kv, hd)
         cos, sin = (t[0, -1].float() for t in self._pe)  # (hd,) the current token's rotary
         k = kv[:, 0]
-        k1, k2 = k.chunk(2, -1)
-        k = k * cos + torch.cat((-k2, k1), -1) * sin
+        k = k * cos + _rotate_half(k) * sin
         v = kv[:, 1]
         for n, j in enumerate(range(i + 1, L)):
             dt = cache.k[j].dtype if cache.k[j] is not None else hidden.dtype  # type: ignore[union-attr]
@@ -621,7 +621,6 @@ class EarlyExitPolicy:
         eps, Hkv, hd), built once; None when a layer is not a stock Llama / Qwen2 layer or the epsilons differ."""
         if self._copy_w_ready:
             return self._copy_w
-        from vla_runtime.policies.vla.lean_layers import lean_supported
 
         layers = list(self.model.decoder.layers)
         dev = self._device
