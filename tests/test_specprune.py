@@ -450,6 +450,13 @@ def test_bench_specprune_on_dummy(tmp_path: Path) -> None:
     assert by["no-pruning"]["ratio_to_baseline"] == by["no-pruning-pass2"]["ratio_to_baseline"] == 1.0
     # the policy is deterministic on the same specs: both unpruned arms reach the same outcome
     assert by["no-pruning"]["success_pct"] == by["no-pruning-pass2"]["success_pct"]
+    # SpecPrune against each same-budget baseline, paired on the same episodes, from both passes' outcomes
+    assert set(saved["specprune_vs_baselines"]) == {"prune-random", "prune-fastv", "prune-framediff"}
+    assert set(saved["outcomes"]) == set(names)
+    for b, p in saved["specprune_vs_baselines"].items():
+        assert p["n"] == saved["episodes"]
+        assert p["both"] + p["only_method"] == sum(saved["outcomes"]["specprune"])
+        assert p["both"] + p["only_baseline"] == sum(saved["outcomes"][b])
 
 
 def test_bench_needs_a_vla(monkeypatch: pytest.MonkeyPatch) -> None:

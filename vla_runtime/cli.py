@@ -389,11 +389,31 @@ def bench(
         print(json.dumps(res, indent=1, default=str)[:4000])
 
 
+def compare(
+    runs: Positional[list[str]],
+    baseline: str | None = None,
+    out: Path | None = None,
+) -> None:
+    """Paired comparison of runs on the same episodes: success with the exact McNemar test and a paired 95 % CI
+    for the difference, and latency ratios, each run against the baseline.
+
+    Args:
+        runs: run directories (`eval --out`), bench directories (each method becomes a run) or episodes.jsonl
+            files; NAME=PATH names a run, and the same NAME given twice merges the parts of one arm (e.g. init
+            states 0-4 and 5-9). The first run is the baseline unless --baseline names another.
+        baseline: name of the baseline run.
+        out: write the report as JSON here.
+    """
+    from vla_runtime.runtime.compare import compare_paths, format_compare
+
+    print(format_compare(compare_paths(runs, baseline=baseline, out=out)))
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
     verbs = {"eval": eval, "collect": collect, "train": train, "bench": bench, "list": list_, "robot": robot,
-             "keys": keys, "probe": probe}
+             "keys": keys, "probe": probe, "compare": compare}
     try:
         tyro.extras.subcommand_cli_from_dict(verbs, prog="vla-runtime", args=argv,
                                              description="Real-time robot control runtime for VLAs and diffusion policies.")

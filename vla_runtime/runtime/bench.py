@@ -21,6 +21,7 @@ import numpy as np
 from vla_runtime.errors import UserError
 from vla_runtime.runtime.evaluate import EvalConfig, aggregate, episode_record, machine_info
 from vla_runtime.runtime.loop import LoopConfig, run_episode
+from vla_runtime.runtime.compare import paired_stats
 from vla_runtime.runtime.metrics import percentiles, wilson_ci
 
 
@@ -114,10 +115,16 @@ def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: 
         # the same ratio in CPU time: what an idle machine would show when the wall ratio is blurred by other load
         r["cpu_ratio_to_baseline"] = (round(base["cpu_ms_p50"] / r["cpu_ms_p50"], 3)
                                       if base.get("cpu_ms_p50") and r.get("cpu_ms_p50") else None)
+    # paired view: every arm ran the same specs in the same order, so episode i of each arm is one pair
+    outcomes = {m.name: [int(bool(rec.get("success"))) for rec in per_method[m.name]] for m in methods}
+    for r in results:
+        if r["name"] != baseline:
+            r["paired"] = paired_stats([bool(x) for x in outcomes[baseline]], [bool(x) for x in outcomes[r["name"]]])
     report = {"bench": bench, "env": env_name, "episodes": len(specs), "episodes_per_task": episodes,
               "seeds": sorted({s.seed for s in specs}), "init_states": sorted({s.init_state for s in specs
                                                                                if s.init_state is not None}),
               "machine": machine_info(), "baseline": baseline, "methods": results,
+              "episode_keys": [rec.get("key") for rec in per_method[baseline]], "outcomes": outcomes,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if finalize is not None:
         finalize(report)
@@ -134,15 +141,26 @@ def write_bench(report: dict[str, Any], out: Path | None) -> None:
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
 
 
+def format_paired(p: dict[str, Any] | None) -> str:
+    """'+4 pp [-5, +13] p=0.39' (success difference to the baseline on the same episodes, Newcombe paired 95 % CI,
+    exact McNemar p), '-' for the baseline itself."""
+    if not p:
+        return "-"
+    lo, hi = p["diff_ci95"]
+    return f"{p['diff_pp']:+.0f} pp [{lo:+.0f}, {hi:+.0f}] p={p['mcnemar_p']:.2f}"
+
+
 def format_bench(report: dict[str, Any]) -> str:
-    rows = [("method", "success %", "95% CI", "p50 ms", "p95 ms", "ratio", "cpu ratio", "extra")]
+    rows = [("method", "success %", "95% CI", "vs base [paired CI] p", "p50 ms", "p95 ms", "ratio", "cpu ratio",
+             "extra")]
     for m in report["methods"]:
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         ci = m.get("success_ci95") or [0, 0]
         shown = [k for k in m.get("_show", ()) if k in m]  # a bench's own columns first, then the policy means
         shown += [k for k in m if k.startswith("mean_") and k not in shown]
         extra = " ".join(f"{k}={m[k]}" for k in shown)
-        rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]", f(m.get("latency_ms_p50")),
+        rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]", format_paired(m.get("paired")),
+                     f(m.get("latency_ms_p50")),
                      f(m.get("latency_ms_p95")), "-" if m.get("ratio_to_baseline") is None
                      else f"{m['ratio_to_baseline']:.2f}x",
                      "-" if m.get("cpu_ratio_to_baseline") is None else f"{m['cpu_ratio_to_baseline']:.2f}x",

@@ -176,6 +176,8 @@ def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path |
 
 
 def format_earlyexit(report: dict[str, Any]) -> str:
+    from vla_runtime.runtime.bench import format_paired
+
     def ratio(r: dict[str, Any], key: str = "ratio_to_baseline") -> str:
         x = r.get(key)
         return ("-" if x is None else f"{x:.2f}x").rjust(6)
@@ -191,7 +193,8 @@ def format_earlyexit(report: dict[str, Any]) -> str:
                      f"{(f(r.get('success_pct'), 5) + f' [{ci[0]:.0f},{ci[1]:.0f}]').rjust(18)} "
                      f"{f(r.get('latency_ms_p50'), 8)} {f(r.get('latency_ms_p95'), 8)} "
                      f"{ratio(r)} {ratio(r, 'cpu_ratio_to_baseline')}"
-                     + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else ""))
+                     + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else "")
+                     + (f"  success vs full: {format_paired(r['paired'])}" if r.get("paired") else ""))
     return "\n".join(lines)
 
 

@@ -893,6 +893,7 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
     may drift between passes). Writes OUT/bench.json (DESIGN.md format) with all arms of both passes.
     """
     from vla_runtime.runtime.bench import Method, compare_methods, write_bench
+    from vla_runtime.runtime.compare import paired_stats
 
     pol = _default_policy(policy)
     opts = dict(options or {})
@@ -932,6 +933,12 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
         m["baseline_budget"] = round(budget, 4)
     report = dict(r1)
     report["methods"] = r1["methods"] + r2["methods"]
+    report["outcomes"] = {**r1.get("outcomes", {}), **r2.get("outcomes", {})}
+    # the comparison the issue asks for: SpecPrune against each same-budget baseline, paired on the same episodes
+    oc = report["outcomes"]
+    report["specprune_vs_baselines"] = {
+        b: paired_stats([bool(x) for x in oc[b]], [bool(x) for x in oc["specprune"]])
+        for b in ("prune-random", "prune-fastv", "prune-framediff") if b in oc and "specprune" in oc}
     report["baseline_budget_frac"] = round(budget, 4)
     report["n_visual"] = n_vis
     report["n_layers"] = n_layers
@@ -942,11 +949,14 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("method", "success %", "95% CI", "vis tok/layer", "p50 ms", "p95 ms", "ratio", "cpu ratio")]
+    from vla_runtime.runtime.bench import format_paired
+
+    rows = [("method", "success %", "95% CI", "vs pass base [paired CI] p", "vis tok/layer", "p50 ms", "p95 ms",
+             "ratio", "cpu ratio")]
     for m in report["methods"]:
         ci = m.get("success_ci95") or [0, 0]
         f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-        rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]",
+        rows.append((m["name"], f(m.get("success_pct")), f"[{ci[0]:.0f}, {ci[1]:.0f}]", format_paired(m.get("paired")),
                      f(m.get("mean_visual_tokens_per_layer")), f(m.get("latency_ms_p50")),
                      f(m.get("latency_ms_p95")),
                      "-" if m.get("ratio_to_baseline") is None else f"{m['ratio_to_baseline']:.2f}x",
@@ -954,4 +964,10 @@ def format_table(report: dict[str, Any]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     head = (f"SpecPrune on {report['env']}, {report['episodes']} episodes, seeds {report['seeds'][:3]}..., "
             f"baselines at budget {report.get('baseline_budget_frac')} of {report.get('n_visual')} visual tokens")
-    return head + "\n" + "\n".join("  ".join(c.ljust(x) for c, x in zip(r, w)) for r in rows)
+    table = head + "\n" + "\n".join("  ".join(c.ljust(x) for c, x in zip(r, w)) for r in rows)
+    vs = report.get("specprune_vs_baselines") or {}
+    if vs:
+        table += "\nspecprune vs each baseline, paired on the same episodes (b/c = only the baseline / only specprune):"
+        for b, p in vs.items():
+            table += (f"\n  vs {b}: {format_paired(p)}  b/c {p['only_baseline']}/{p['only_method']}")
+    return table
