@@ -220,6 +220,42 @@ def test_frame_difference_keeps_changed_patches_first() -> None:
     assert ctx.extra["info"]["prune_static_patches"] == 128 - len(changed)
 
 
+def test_below_the_local_top_k_specprune_keeps_fastvs_set_unless_budget_shares_are_reserved() -> None:
+    """Budget 13 of 128 with a local top-k of 32: under strict tier priority the kept set is the local top-13, i.e.
+    exactly FastV's set at the same budget, whatever the history and frame difference say. With quota (0.5, 0.25,
+    0.25) the history's and the changed patches' best tokens get their seats."""
+    model, tok = tiny_model()
+    x1, x2 = inputs(model, tok, seed=1), inputs(model, tok, seed=1)
+    x2["images"][0, 0, :, 0:4, 0:20] = -x2["images"][0, 0, :, 0:4, 0:20]  # 5 changed patches, camera 0 row 0
+    opts = dict(budget_coarse=0.1, budget_fine=0.1, local_k_coarse=0.25, local_k_fine=0.25, history_k=0.15,
+                dynamic=True, prev_t_min=1, prev_t_max=1)
+    kept: dict[Any, set[int]] = {}
+    infos: dict[Any, dict[str, Any]] = {}
+    hist = None
+    for quota in (None, (0.5, 0.25, 0.25)):
+        pr = make_pruner(model, "specprune", quota=quota, **opts)
+        mem: dict[str, Any] = {}
+        step(model, pr, x1, mem, 0)
+        rec = Recorder(pr)
+        _, ctx = step(model, rec, x2, mem, 4)
+        hist = mem[MEM_KEY]["history"].clone()  # what this second inference ranked by (the first's importance)
+        kept[quota] = kept_after_static(rec, pr.cfg.prune_layer)
+        infos[quota] = dict(ctx.extra["info"])
+    fv = make_pruner(model, "prune-fastv", budget=0.1)
+    rec = Recorder(fv)
+    step(model, rec, x2, {}, 4)
+    assert len(kept[None]) == len(kept[(0.5, 0.25, 0.25)]) == 13
+    assert kept[None] == kept_after_static(rec, fv.cfg.prune_layer)  # FastV's set
+    q = kept[(0.5, 0.25, 0.25)]
+    assert q != kept[None] and infos[(0.5, 0.25, 0.25)]["prune_quota_used"] == 6 + 3 + 3  # round(share * 13) each; the 13th by tier
+    assert {0, 1, 2, 3, 4} & q and not {0, 1, 2, 3, 4} <= kept[None]  # changed patches get seats
+    assert hist is not None
+    best_hist = set(hist[0].topk(3).indices.tolist())
+    assert best_hist & q  # the history's best tokens too
+    with pytest.raises(UserError, match="quota"):
+        SpecPruneConfig(quota=(0.6, 0.3, 0.3))
+
+
 def test_frame_lookback_adapts_to_motion() -> None:
     model, tok = tiny_model()
     pr = make_pruner(model, "specprune", prev_t_min=1, prev_t_max=6, motion_ref=0.5)

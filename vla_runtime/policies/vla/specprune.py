@@ -109,6 +109,10 @@ class SpecPruneConfig:
     fill: str = "attention"  # what fills the budget after the local/history/changed candidates: "attention"
     # (this step's layer-0 attention rank, the paper's choice) or "random" (a per-episode seeded draw: a spread-out
     # subset, which models trained with random token drops have seen; SPECPRUNE.md "Session 11")
+    quota: tuple[float, float, float] | None = None  # (local, history, changed) shares of the budget reserved
+    # for each source when their union exceeds it (each source's best first); None: strict tier priority
+    # (local > history > changed), under which a budget below the local top-k keeps only local tokens, i.e. the
+    # FastV-style set (SPECPRUNE.md "Session 16")
     local_k_coarse: float = 0.06  # local top-k per camera (fraction of the camera's patches), coarse
     local_k_fine: float = 0.10  # ... fine
     history_k: float = 0.06  # history top-k per camera
@@ -148,6 +152,11 @@ class SpecPruneConfig:
         for k in ("local_k_coarse", "local_k_fine", "history_k"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise UserError(f"SpecPrune {k} must be in [0, 1], got {getattr(self, k)}")
+        if self.quota is not None:
+            self.quota = tuple(float(x) for x in self.quota)  # type: ignore[assignment]
+            if len(self.quota) != 3 or any(x < 0 for x in self.quota) or sum(self.quota) > 1.0 + 1e-9:
+                raise UserError(f"SpecPrune quota must be three shares (local, history, changed) >= 0 summing to "
+                                f"<= 1, got {self.quota}")
         if self.fill not in ("attention", "random"):
             raise UserError(f"SpecPrune fill must be 'attention' or 'random', got {self.fill!r}")
         if not 0.0 <= self.sim_threshold <= 1.0:
@@ -615,7 +624,7 @@ class SpecPrunePruner:
                 c.seed)).to(dev)
         else:
             rand = self._draw(ctx, B, n, dev) if c.fill == "random" else None
-            prio = self._specprune_priority(sc, local, sim, B, n, dev, rand)
+            prio = self._specprune_priority(sc, local, sim, B, n, dev, rand, k)
         keep_vis = prio.float().topk(k, dim=1).indices.sort(dim=1).values  # (B, k) into the visual span
         info = sc["info"]
         info.update(prune_budget=k, visual_kept_static=k)
@@ -632,11 +641,14 @@ class SpecPrunePruner:
         return torch.rand(B, n, generator=st["rng"]).to(dev)
 
     def _specprune_priority(self, sc: dict[str, Any], local: torch.Tensor | None, sim: torch.Tensor | None,
-                            B: int, n: int, dev: torch.device, rand: torch.Tensor | None = None) -> torch.Tensor:
+                            B: int, n: int, dev: torch.device, rand: torch.Tensor | None = None,
+                            k: int | None = None) -> torch.Tensor:
         """Tiered priority (B, n): 3 + s local top-k, 2 + s history top-k, 1 + s changed, s static, s in [0, 1).
 
         `rand` (fill="random"): s of the tokens that no signal ranks (static ones, or all non-picks while there is
-        no reference frame) is this draw instead of the attention rank.
+        no reference frame) is this draw instead of the attention rank. With `cfg.quota` and the budget `k`, each
+        source's best round(share * k) tokens are lifted above every tier first (tier 4), so history and changed
+        patches keep seats even when the local top-k alone would fill the budget.
         """
         c = self.cfg
         mode = sc["mode"]
@@ -670,10 +682,39 @@ class SpecPrunePruner:
                 n_local = int(sel[0].sum())
         info.update(prune_local_k=n_local, prune_history_k=n_hist,
                     prune_candidates=int((tier[0] >= 1).sum()))
+        if c.quota is not None and k is not None:
+            tier = self._apply_quota(tier, local, hist_score=sc.get("history") if n_hist else None,
+                                     changed_score=(1.0 - sim) if (c.use_framediff and sim is not None) else None,
+                                     k=k, info=info)
         if rand is not None:
             unranked = tier < (1.0 if c.use_framediff and sim is not None else 2.0)
             fill = torch.where(unranked, rand, fill)
         return tier + fill.clamp(0.0, 0.999)
+
+    def _apply_quota(self, tier: torch.Tensor, local: torch.Tensor | None, hist_score: torch.Tensor | None,
+                     changed_score: torch.Tensor | None, k: int, info: dict[str, Any]) -> torch.Tensor:
+        """Reserve budget shares: in order local, history, changed, the best round(share * k) members of each
+        source's candidate set (tier 3 / >= 2 / >= 1) not yet reserved get tier 4. Only when the candidates
+        exceed the budget; otherwise every candidate is kept anyway."""
+        assert self.cfg.quota is not None
+        if int((tier[0] >= 1).sum()) <= k:
+            info["prune_quota_used"] = 0
+            return tier
+        reserved = torch.zeros_like(tier, dtype=torch.bool)
+        sources = [(tier >= 3, local), (tier >= 2, hist_score), (tier >= 1, changed_score)]
+        left = k
+        for (member, score), share in zip(sources, self.cfg.quota):
+            m = min(left, int(round(share * k)))
+            if m <= 0 or score is None:
+                continue
+            cand = member & ~reserved
+            s = torch.where(cand, score.to(tier.device).float(), torch.full_like(tier, float("-inf")))
+            top = s.topk(min(m, s.shape[1]), dim=1)
+            pick = torch.zeros_like(reserved).scatter_(1, top.indices, torch.isfinite(top.values))
+            reserved |= pick
+            left -= int(pick[0].sum())
+        info["prune_quota_used"] = int(reserved[0].sum())
+        return torch.where(reserved, torch.full_like(tier, 4.0), tier)
 
     def _per_camera_topk(self, score: torch.Tensor, k: int) -> torch.Tensor:
         """Bool (B, n_visual): the k best patches of each camera."""
