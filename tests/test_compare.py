@@ -83,7 +83,7 @@ def _write_run(d, outcomes, env="dummy:reach", seed0=0, extra=None):
     for i, ok in enumerate(outcomes):
         rec = {"env": env, "task": "reach", "seed": seed0 + i, "init_state": None, "success": ok,
                "inference_ms": [10.0 if extra is None else extra], "inference_cpu_ms": [9.0],
-               "key": f"{env}|reach|{seed0 + i}|None", "policy": "p"}
+               "index": i, "key": f"{env}|reach|{i}|{seed0 + i}", "policy": "p"}
         lines.append(json.dumps(rec))
     (d / "episodes.jsonl").write_text("\n".join(lines) + "\n")
     return d
@@ -113,10 +113,16 @@ def test_compare_cli_pairs_runs_merges_parts_and_reads_benches(tmp_path, capsys)
     assert main(["compare", f"b={base}", f"b={base}", f"m={meth}"]) == 2
     assert "repeats" in capsys.readouterr().err
 
-    # runs on different envs share no episode: a clear error
+    # runs on different envs: a clear error; other seeds of the same env share no episode: another
     other = _write_run(tmp_path / "other", [True] * 6, env="robosuite:Lift")
     assert main(["compare", str(base), str(other)]) == 2
+    assert "compare runs of one env" in capsys.readouterr().err
+    assert main(["compare", str(base), str(tmp_path / "meth2")]) == 2
     assert "shares no episode" in capsys.readouterr().err
+    # the same episodes behind the bridge (env remote:...) pair with the in-process run
+    remote = _write_run(tmp_path / "remote", [True] * 6, env="remote:tcp://127.0.0.1:5555")
+    assert main(["compare", str(base), str(remote), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][1]["paired_episodes"] == 6
     assert main(["compare", str(tmp_path / "missing"), str(base)]) == 2
 
     # a bench directory: each method with an episodes.jsonl becomes a run, the bench's baseline first

@@ -14,7 +14,7 @@ independent 95 % intervals (each ~25 pp wide at 50 episodes) hide that; the pair
 
 A run is a directory with `episodes.jsonl` (what `vla-runtime eval --out` writes), a `bench.json` directory (each of
 its methods' `<method>/episodes.jsonl` becomes a run), or an `episodes.jsonl` file. Episodes are matched by their
-`key` (env | task | seed | init state). Error records (an exception, no outcome) are left out of the pairs and
+spec key (task | index | seed; the env must match, except that a `remote:` run pairs with any). Error records (an exception, no outcome) are left out of the pairs and
 counted separately; resumed runs may hold a key twice, the last record wins.
 """
 
@@ -39,13 +39,17 @@ class Run:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def episode_key(rec: dict[str, Any]) -> str:
+def record_key(rec: dict[str, Any]) -> str:
+    """The episode's spec key without the env name (task | index | seed), so a run over the bridge
+    (env remote:...) pairs with the same episodes run in process; the envs themselves are checked separately."""
+    from vla_runtime.envs.base import episode_key
+
     if rec.get("key"):
-        return str(rec["key"])
-    need = ("env", "task", "seed")
+        return episode_key(str(rec["key"]))
+    need = ("task", "index", "seed")
     if not all(k in rec for k in need):
         raise UserError(f"episode record without 'key' or {need}: {sorted(rec)[:8]}...")
-    return f"{rec['env']}|{rec['task']}|{rec['seed']}|{rec.get('init_state')}"
+    return f"{rec['task']}|{rec['index']}|{rec['seed']}"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +71,7 @@ def _run_from_records(name: str, source: Path, recs: list[dict[str, Any]]) -> Ru
         if r.get("error") is not None or "success" not in r:
             errors += 1
             continue
-        eps[episode_key(r)] = r
+        eps[record_key(r)] = r
     if not eps:
         raise UserError(f"{source}: no finished episodes")
     first = next(iter(eps.values()))
@@ -174,6 +178,9 @@ def compare_runs(runs: list[Run], baseline: str | None = None) -> dict[str, Any]
         raise UserError(f"baseline {baseline!r} is not one of the runs {names}")
     rows = []
     for r in runs:
+        ea, eb = str(base.meta.get("env")), str(r.meta.get("env"))
+        if ea != eb and not (ea.startswith("remote:") or eb.startswith("remote:")):
+            raise UserError(f"{r.name} ran on {eb}, the baseline {base.name} on {ea}: compare runs of one env")
         common = sorted(set(base.episodes) & set(r.episodes))
         if not common:
             sample = next(iter(r.episodes))
