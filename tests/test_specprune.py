@@ -495,6 +495,31 @@ def test_bench_specprune_on_dummy(tmp_path: Path) -> None:
         assert p["both"] + p["only_baseline"] == sum(saved["outcomes"][b])
 
 
+def test_bench_specprune_cli_arms_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vla-runtime bench specprune --arms ... --options JSON`: only the named arms (+ no pruning, specprune), the
+    options reach every arm, the paired SpecPrune-vs-baseline line is printed; bad arms / JSON are clear errors."""
+    from vla_runtime.cli import main
+
+    ck = make_ckpt(tmp_path)
+    out = tmp_path / "b"
+    assert main(["bench", "specprune", "--env", "dummy:reach", "--policy", f"vla:{ck}", "--episodes", "1",
+                 "--arms", "prune-fastv", "--options", '{"budget_coarse": 0.1, "budget_fine": 0.1, "dynamic": false}',
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "bench.json").read_text())
+    by = {m["name"]: m for m in saved["methods"]}
+    assert list(by) == ["no-pruning", "specprune", "no-pruning-pass2", "prune-fastv"]
+    # 13 of 128 kept from layer 1 on (no dynamic stage): (128 + 7 x 13) / 8 per layer
+    assert by["specprune"]["mean_visual_tokens_per_layer"] == pytest.approx((128 + 7 * 13) / 8, abs=0.5)
+    assert saved["options"] == {"budget_coarse": 0.1, "budget_fine": 0.1, "dynamic": False}
+    assert list(saved["specprune_vs_baselines"]) == ["prune-fastv"]
+    assert "specprune vs each baseline" in capsys.readouterr().out
+    assert main(["bench", "specprune", "--env", "dummy:reach", "--policy", f"vla:{ck}", "--arms", "prune-lucky"]) == 2
+    assert "unknown arm" in capsys.readouterr().err
+    assert main(["bench", "specprune", "--env", "dummy:reach", "--policy", f"vla:{ck}", "--options", "{x"]) == 2
+    assert "--options is not valid JSON" in capsys.readouterr().err
+    assert main(["bench", "loop", "--options", '{"a": 1}']) == 2
+
+
 def test_bench_needs_a_vla(monkeypatch: pytest.MonkeyPatch) -> None:
     import vla_runtime.policies as pols
     from vla_runtime.policies.vla.specprune import bench_specprune

@@ -23,17 +23,22 @@ def _split(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def parse_policy_options(text: str) -> dict[str, Any]:
-    """--policy-options: a JSON object (empty string: none); anything else is a UserError saying why."""
+def _json_options(text: str, flag: str) -> dict[str, Any]:
+    """A JSON-object flag (empty string: none); anything else is a UserError saying why."""
     if not text.strip():
         return {}
     try:
         val = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"--policy-options is not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+        raise UserError(f"{flag} is not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
     if not isinstance(val, dict):
-        raise UserError(f"--policy-options must be a JSON object such as '{{\"sigma_stall\": 0.5}}', got {text!r}")
+        raise UserError(f"{flag} must be a JSON object such as '{{\"sigma_stall\": 0.5}}', got {text!r}")
     return val
+
+
+def parse_policy_options(text: str) -> dict[str, Any]:
+    """--policy-options: a JSON object (empty string: none); anything else is a UserError saying why."""
+    return _json_options(text, "--policy-options")
 
 
 def eval(  # noqa: A001 - the verb is `eval`
@@ -355,6 +360,7 @@ def bench(
     arms: str = "",
     hold_at: int = 32,
     cpu_paths: Literal["auto", "stock", "both"] = "auto",
+    options: str = "",
 ) -> None:
     """Benchmarks: each compares methods against a baseline in one process on the same seeds; writes OUT/bench.json.
 
@@ -372,17 +378,22 @@ def bench(
         arms: `bench async`: comma-separated subset of sync, async, async-no-inpaint, async-future-state,
             async-back-to-back (sync always runs). `bench stall`: samplers, each optionally with -no-perturb
             (default step2,step2-no-perturb,ddim10). `bench earlyexit`: subset of full, earlyexit, specprune,
-            specprune+earlyexit (full always runs).
+            specprune+earlyexit (full always runs). `bench specprune`: subset of specprune-static,
+            specprune-dynamic, specprune-nocontroller, prune-random, prune-fastv, prune-framediff (no pruning and
+            specprune always run).
         hold_at: `bench stall`: the robot is paused for one chunk at the first inference at or after this step.
         cpu_paths: `bench vla`: the CPU fast paths (lean layers, float32 AR decode steps): the policy default,
             stock (off), or both side by side.
+        options: JSON settings for every arm of `bench specprune` (SpecPrune's, e.g. '{"budget_coarse": 0.04,
+            "budget_fine": 0.04}'; the baselines get the matched budget) or `bench earlyexit` (early exit's, e.g.
+            '{"kv_fill": "copy"}').
     """
     from vla_runtime.runtime.bench import run_bench
 
     res = run_bench(name, env=env, policy=policy, episodes=episodes, seed=seed, out=out, steps=steps,
                     threads=threads, sampler=sampler or None, n_action_steps=n_action_steps,
                     arms=[a.strip() for a in arms.split(",") if a.strip()] or None, hold_at=hold_at,
-                    cpu_paths=cpu_paths)
+                    cpu_paths=cpu_paths, options=_json_options(options, "--options") if options else None)
     if isinstance(res.get("table"), str):
         print(res["table"])
     elif out is None and name not in ("step", "stall", "specprune", "earlyexit", "async"):  # those print a table

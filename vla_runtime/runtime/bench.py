@@ -245,7 +245,10 @@ def bench_render(env_name: str, steps: int, out: Path | None) -> dict[str, Any]:
 def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, seed: int = 0,
               out: Path | None = None, steps: int = 200, threads: int | None = None,
               sampler: str | None = None, n_action_steps: int | None = None,
-              arms: Sequence[str] | None = None, hold_at: int = 32, cpu_paths: str = "auto") -> dict[str, Any]:
+              arms: Sequence[str] | None = None, hold_at: int = 32, cpu_paths: str = "auto",
+              options: dict[str, Any] | None = None) -> dict[str, Any]:
+    if options and name not in ("specprune", "earlyexit"):
+        raise UserError(f"bench {name} takes no --options (only specprune and earlyexit do)")
     if threads:
         import torch
 
@@ -273,12 +276,13 @@ def run_bench(name: str, *, env: str = "", policy: str = "", episodes: int = 5, 
     if name == "specprune":
         from vla_runtime.policies.vla.specprune import bench_specprune
 
-        return bench_specprune(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out)
+        return bench_specprune(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out,
+                               options=options, arms=list(arms) if arms else None)
     if name == "earlyexit":
         from vla_runtime.policies.vla.early_exit import bench_earlyexit
 
         return bench_earlyexit(env=env or "libero:libero_object", policy=policy, episodes=episodes, seed=seed, out=out,
-                               arms=tuple(arms) if arms else None)
+                               arms=tuple(arms) if arms else None, options=options)
     if name == "bridge":
         from vla_runtime.bridges.bench import bench_bridge
 

@@ -923,10 +923,19 @@ def _token_fields(m: Any, recs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+SPECPRUNE_BENCH_ARMS = ("specprune", "specprune-static", "specprune-dynamic", "specprune-nocontroller",
+                        "prune-random", "prune-fastv", "prune-framediff")
+
+
 def bench_specprune(env: str = "libero:libero_object", policy: str = "", episodes: int = 2, seed: int = 0,
                     out: Path | str | None = None, options: dict[str, Any] | None = None,
-                    tasks: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+                    tasks: list[str] | None = None, progress: bool = True,
+                    arms: list[str] | None = None) -> dict[str, Any]:
     """No pruning vs SpecPrune (full + ablations) vs baselines at SpecPrune's measured token budget.
+
+    `options`: SpecPrune settings for every arm (e.g. budgets; the baselines get the matched `budget` on top).
+    `arms`: a subset of SPECPRUNE_BENCH_ARMS to run besides no pruning and `specprune`, which always run (the
+    baselines' budget is SpecPrune's measured one).
 
     Two passes on the same episode specs, in this process: (1) no pruning, SpecPrune and its ablations;
     (2) no pruning again and the baselines with `budget` = SpecPrune's mean visual tokens per pruned layer (so
@@ -939,7 +948,14 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
     pol = _default_policy(policy)
     opts = dict(options or {})
     outp = Path(out) if out is not None else None
-    names1 = ["specprune", "specprune-static", "specprune-dynamic", "specprune-nocontroller"]
+    if arms is not None:
+        bad = [a for a in arms if a not in SPECPRUNE_BENCH_ARMS]
+        if bad:
+            raise UserError(f"bench specprune: unknown arm(s) {', '.join(bad)}; choose from "
+                            f"{', '.join(SPECPRUNE_BENCH_ARMS)}")
+    want = set(SPECPRUNE_BENCH_ARMS if arms is None else arms) | {"specprune"}
+    names1 = [n for n in ("specprune", "specprune-static", "specprune-dynamic", "specprune-nocontroller") if n in want]
+    baselines = [n for n in ("prune-random", "prune-fastv", "prune-framediff") if n in want]
 
     def kw(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"accel_options": {name: {**opts, **(extra or {})}}}
@@ -966,10 +982,11 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
     del probe
     # pass 2 re-runs the unpruned arm so the baselines' ratios compare arms measured at the same time
     m2 = [Method("no-pruning-pass2", pol)] + [
-        Method(n, pol, accel=(n,), policy_kwargs=kw(n, {"budget": round(budget, 4)}))
-        for n in ("prune-random", "prune-fastv", "prune-framediff")]
-    r2 = compare_methods("specprune-baselines", env, m2, episodes, seed, outp, baseline=m2[0].name,
-                         extra_fields=_token_fields, tasks=tasks, progress=progress)
+        Method(n, pol, accel=(n,), policy_kwargs=kw(n, {"budget": round(budget, 4)})) for n in baselines]
+    r2: dict[str, Any] = {"methods": [], "outcomes": {}}
+    if baselines:
+        r2 = compare_methods("specprune-baselines", env, m2, episodes, seed, outp, baseline=m2[0].name,
+                             extra_fields=_token_fields, tasks=tasks, progress=progress)
     for m in r2["methods"][1:]:
         m["baseline_budget"] = round(budget, 4)
     report = dict(r1)
