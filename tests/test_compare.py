@@ -101,6 +101,9 @@ def test_compare_cli_pairs_runs_merges_parts_and_reads_benches(tmp_path, capsys)
     assert row["paired"]["mcnemar_p"] == pytest.approx(0.5)
     assert row["ratio_to_baseline"] == pytest.approx(2.0)
     assert "McNemar" in capsys.readouterr().out
+    assert row["per_task"] == {"reach": [5, 6]}
+    assert main(["compare", str(base), str(meth), "--per-task"]) == 0
+    assert "reach  3/6   5/6" in capsys.readouterr().out
 
     # one arm in two parts (different seeds), named twice: merged into one 6 + 6 episode arm
     _write_run(tmp_path / "base2", [False] * 6, seed0=6)

@@ -404,6 +404,7 @@ def compare(
     runs: Positional[list[str]],
     baseline: str | None = None,
     out: Path | None = None,
+    per_task: bool = False,
 ) -> None:
     """Paired comparison of runs on the same episodes: success with the exact McNemar test and a paired 95 % CI
     for the difference, and latency ratios, each run against the baseline.
@@ -414,10 +415,14 @@ def compare(
             states 0-4 and 5-9). The first run is the baseline unless --baseline names another.
         baseline: name of the baseline run.
         out: write the report as JSON here.
+        per_task: also print successes per task for every run.
     """
-    from vla_runtime.runtime.compare import compare_paths, format_compare
+    from vla_runtime.runtime.compare import compare_paths, format_compare, format_per_task
 
-    print(format_compare(compare_paths(runs, baseline=baseline, out=out)))
+    report = compare_paths(runs, baseline=baseline, out=out)
+    print(format_compare(report))
+    if per_task:
+        print(format_per_task(report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,8 +204,24 @@ def compare_runs(runs: list[Run], baseline: str | None = None) -> dict[str, Any]
         }
         if r is not base:
             row["paired"] = paired_stats(sa, sb)
+        per_task: dict[str, list[int]] = {}
+        for rec in rb:  # [successes, episodes] per task, over the paired episodes
+            t = per_task.setdefault(str(rec.get("task")), [0, 0])
+            t[0] += bool(rec["success"])
+            t[1] += 1
+        row["per_task"] = per_task
         rows.append(row)
     return {"baseline": base.name, "runs": rows}
+
+
+def format_per_task(report: dict[str, Any]) -> str:
+    """Successes per task (over the paired episodes), one column per run."""
+    tasks = sorted({t for r in report["runs"] for t in r["per_task"]})
+    head = ("task",) + tuple(r["name"] for r in report["runs"])
+    rows = [head] + [(t,) + tuple("{}/{}".format(*r["per_task"][t]) if t in r["per_task"] else "-"
+                                  for r in report["runs"]) for t in tasks]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
 def format_compare(report: dict[str, Any]) -> str:
