@@ -21,6 +21,14 @@ def test_mcnemar_exact_matches_the_binomial_test():
         assert mcnemar_exact_p(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, abs=1e-12)
 
 
+def test_paired_ci_matches_a_published_value():
+    """Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8: the paired table
+    [[59, 6], [16, 80]] has the Newcombe square-and-add interval -0.0621 (-0.1186 to -0.0046) for p_1+ - p_+1
+    (the value the authors' `contingencytables` R package reproduces in its tests)."""
+    lo, hi = paired_diff_ci(both=59, only_a=16, only_b=6, neither=80)
+    assert (round(lo / 100, 4), round(hi / 100, 4)) == (-0.1186, -0.0046)
+
+
 def test_paired_ci_contains_the_estimate_and_flips_with_the_arms():
     for table in [(30, 8, 13, 49), (0, 0, 20, 0), (45, 0, 0, 5), (10, 5, 5, 30), (0, 3, 0, 47)]:
         both, a, b, neither = table

@@ -128,7 +128,8 @@ def paired_diff_ci(both: int, only_a: int, only_b: int, neither: int, z: float =
     """95 % interval (in percentage points) for p_b - p_a on paired binary outcomes, Newcombe's method 10.
 
     p_a = (both + only_a) / n, p_b = (both + only_b) / n; (l, u) their Wilson intervals; phi the phi coefficient
-    of the 2 x 2 table (0 when a margin is empty). With d = p_b - p_a:
+    of the 2 x 2 table with Newcombe's correction of its numerator x = both * neither - only_a * only_b (x - n/2
+    when x > n/2, 0 when 0 <= x <= n/2, x when negative; phi = 0 when a margin is empty). With d = p_b - p_a:
       lower = d - sqrt((p_b - l_b)^2 - 2 phi (p_b - l_b)(u_a - p_a) + (u_a - p_a)^2)
       upper = d + sqrt((u_b - p_b)^2 - 2 phi (u_b - p_b)(p_a - l_a) + (p_a - l_a)^2)
     """
@@ -140,7 +141,9 @@ def paired_diff_ci(both: int, only_a: int, only_b: int, neither: int, z: float =
     lb, ub = (x / 100.0 for x in wilson_ci(both + only_b, n, z))
     # margins of the table: A success / failure, B success / failure
     den = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
-    phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
+    x = both * neither - only_a * only_b
+    x = x - n / 2 if x > n / 2 else (x if x < 0 else 0.0)
+    phi = x / math.sqrt(den) if den > 0 else 0.0
     d = pb - pa
     lo = d - math.sqrt(max(0.0, (pb - lb) ** 2 - 2 * phi * (pb - lb) * (ua - pa) + (ua - pa) ** 2))
     hi = d + math.sqrt(max(0.0, (ub - pb) ** 2 - 2 * phi * (ub - pb) * (pa - la) + (pa - la) ** 2))
