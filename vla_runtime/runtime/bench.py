@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vla_runtime.errors import UserError
+from vla_runtime.runtime.compare import paired_stats
 from vla_runtime.runtime.evaluate import EvalConfig, aggregate, episode_record, machine_info
 from vla_runtime.runtime.loop import LoopConfig, run_episode
-from vla_runtime.runtime.compare import paired_stats
 from vla_runtime.runtime.metrics import percentiles, wilson_ci
 
 
