@@ -3,8 +3,11 @@
 Every benchmark writes `OUT/bench.json`:
   {"bench", "env", "episodes", "seeds", "machine", "baseline",
    "methods": [{"name", "success_pct", "success_ci95", "latency_ms_p50", "latency_ms_p95", "ratio_to_baseline", ...}]}
-with ratio_to_baseline = baseline p50 latency / method p50 latency (> 1 is faster). Episode-level results of each
-method go to OUT/<method>/episodes.jsonl (+ eval_info.json) exactly as `vla-runtime eval` writes them.
+with ratio_to_baseline = baseline p50 latency / method p50 latency (> 1 is faster); each non-baseline method also
+carries `paired` (its success against the baseline's on the same episodes: counts, exact McNemar p, Newcombe's
+paired 95 % interval; runtime/compare.py), and the report `outcomes` (per method, 0/1 in episode order) with
+`episode_keys`. Episode-level results of each method go to OUT/<method>/episodes.jsonl (+ eval_info.json) exactly
+as `vla-runtime eval` writes them.
 """
 
 from __future__ import annotations
