@@ -122,7 +122,7 @@ def compare_methods(bench: str, env_name: str, methods: list[Method], episodes: 
     outcomes = {m.name: [int(bool(rec.get("success"))) for rec in per_method[m.name]] for m in methods}
     for r in results:
         if r["name"] != baseline:
-            r["paired"] = paired_stats([bool(x) for x in outcomes[baseline]], [bool(x) for x in outcomes[r["name"]]])
+            r["paired"] = paired_stats(outcomes[baseline], outcomes[r["name"]])
     report = {"bench": bench, "env": env_name, "episodes": len(specs), "episodes_per_task": episodes,
               "seeds": sorted({s.seed for s in specs}), "init_states": sorted({s.init_state for s in specs
                                                                                if s.init_state is not None}),

@@ -150,8 +150,8 @@ def paired_diff_ci(both: int, only_a: int, only_b: int, neither: int, z: float =
     return (100.0 * max(-1.0, lo), 100.0 * min(1.0, hi))
 
 
-def paired_stats(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
-    """The paired summary of two outcome lists over the same episodes (a = baseline, b = method)."""
+def paired_stats(a: Sequence[bool | int], b: Sequence[bool | int]) -> dict[str, Any]:
+    """The paired summary of two outcome lists (bools or 0/1) over the same episodes (a = baseline, b = method)."""
     if len(a) != len(b):
         raise ValueError("paired outcomes need equal lengths")
     both = sum(1 for x, y in zip(a, b) if x and y)

@@ -91,6 +91,21 @@ def _demo_observations(data_dirs: list[Path], cameras: tuple[str, ...], stride: 
     return episodes
 
 
+class _RecordingPolicy:
+    """A policy proxy that keeps every observation it is asked to act on (everything else is the policy's)."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.seen: list[Any] = []
+
+    def act(self, obs: Any) -> Any:
+        self.seen.append(obs)
+        return self._policy.act(obs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+
 def _rollout_observations(policy: Any, env_name: str, episodes: int, seed: int, max_per_episode: int,
                           max_chunks: int) -> list[list[Any]]:
     """Closed-loop rollouts of the policy itself (full depth, synchronous, n_action_steps actions per chunk):
@@ -99,6 +114,7 @@ def _rollout_observations(policy: Any, env_name: str, episodes: int, seed: int, 
     frames: EARLY_EXIT.md). Seeds `seed`.. must not overlap the seeds the predictors are evaluated on; LIBERO
     episodes use fresh placements (init_state None), never the benchmark init states evaluation uses."""
     from vla_runtime.envs import make_env
+    from vla_runtime.runtime.loop import LoopConfig, run_episode
 
     cfg = policy.model.cfg
     env = make_env(env_name, cameras=tuple(cfg.cameras), image_size=cfg.image_size, render=True)
@@ -110,20 +126,12 @@ def _rollout_observations(policy: Any, env_name: str, episodes: int, seed: int, 
         for spec in specs:
             if total >= max_chunks:
                 break
-            obs = env.reset(spec)
-            policy.reset(obs.instruction)
-            seen: list[Any] = []
-            done = False
-            while not done and len(seen) < max_per_episode and total + len(seen) < max_chunks:
-                seen.append(obs)
-                chunk = policy.act(obs)
-                for a in chunk.actions[:cfg.n_action_steps]:
-                    if hasattr(policy, "on_action"):
-                        policy.on_action(a)
-                    res = env.step(a)
-                    obs, done = res.obs, res.done
-                    if done:
-                        break
+            n = min(max_per_episode, max_chunks - total)
+            rec = _RecordingPolicy(policy)
+            # the runtime's own sync loop (action checks, replans) for at most n inferences
+            run_episode(env, rec, spec, LoopConfig(n_action_steps=cfg.n_action_steps,
+                                                    max_steps=n * cfg.n_action_steps))
+            seen = rec.seen[:n]
             total += len(seen)
             out.append(seen)
     finally:

@@ -995,7 +995,7 @@ def bench_specprune(env: str = "libero:libero_object", policy: str = "", episode
     # the comparison the issue asks for: SpecPrune against each same-budget baseline, paired on the same episodes
     oc = report["outcomes"]
     report["specprune_vs_baselines"] = {
-        b: paired_stats([bool(x) for x in oc[b]], [bool(x) for x in oc["specprune"]])
+        b: paired_stats(oc[b], oc["specprune"])
         for b in ("prune-random", "prune-fastv", "prune-framediff") if b in oc and "specprune" in oc}
     report["baseline_budget_frac"] = round(budget, 4)
     report["n_visual"] = n_vis
