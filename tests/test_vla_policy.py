@@ -513,3 +513,51 @@ def test_train_init_from_a_coarser_patch_resizes_the_vision_embeddings(tmp_path:
     assert b[k].shape[-1] == p // 2
     torch.testing.assert_close(b[k].float(), resize_patch_kernel(a[k].float(), p // 2), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(b[q].float(), resize_position_grid(a[q].float(), b[q].shape[0]), rtol=1e-2, atol=1e-3)
+
+
+def test_deepen_copies_each_layer_into_consecutive_layers_and_trains_from_them(tmp_path: Path) -> None:
+    """Depth up-scaling: layer i of the source becomes layers 2i and 2i+1 (every other weight, tokenizer and
+    normalisation copied); factor 1 reproduces the source's actions exactly; a run started from the deepened
+    directory copies every tensor (none left fresh); bad factors and HF-wrapping sources are refused."""
+    from safetensors.torch import load_file
+
+    from vla_runtime.train.deepen import deepen, deepen_checkpoint
+    from vla_runtime.train.train_vla import train_vla
+
+    src = make_ckpt(tmp_path, "ar")
+    n = TINY["layers"]
+    deep = deepen_checkpoint(src, tmp_path / "x2", factor=2)
+    assert VLAConfig.load(deep / "config.json").layers == 2 * n
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(deep / "model.safetensors"))
+    assert len(b) == len(a) + sum(1 for k in a if k.startswith("decoder.layers.")) * 1
+    for k, v in a.items():
+        if k.startswith("decoder.layers."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            for j in (2 * int(i), 2 * int(i) + 1):
+                assert torch.equal(b[f"decoder.layers.{j}.{rest}"], v.float()), (k, j)
+        else:
+            assert torch.equal(b[k], v.float()), k
+    assert (deep / "vla_tokenizer.json").read_text() == (src / "vla_tokenizer.json").read_text()
+    assert (deep / "stats.json").read_text() == (src / "stats.json").read_text()
+
+    same = deepen_checkpoint(src, tmp_path / "x1", factor=1)
+    env = DummyReachEnv(image_size=32)
+    obs = env.reset(EpisodeSpec("dummy:reach", "reach", 3, 0))
+    acts = []
+    for ckpt in (src, same):
+        pol = load_vla_policy(ckpt, dtype="fp32")
+        pol.reset(obs.instruction)
+        acts.append(pol.act(obs).actions)
+    np.testing.assert_allclose(acts[0], acts[1], atol=1e-6)
+
+    data = tmp_path / "demos"
+    write_dummy_demos(data)
+    out = tmp_path / "run"
+    train_vla([data], out, mode="ar", steps=1, batch_size=4, save_every=1, log_every=1, progress=False, lr=0.0,
+              drop_prob=0.0, init_from=deep)
+    c = load_file(str(out / "model.safetensors"))
+    assert set(c) == set(b) and all(torch.equal(c[k].float(), b[k]) for k in b)
+    with pytest.raises(ValueError, match="factor"):
+        deepen(a, n, 0)
+    with pytest.raises(ValueError, match="layer"):
+        deepen(a, n - 1, 2)
