@@ -534,6 +534,11 @@ def test_bench_reports_layers_agreement_and_ratios(tmp_path: Path, monkeypatch: 
     assert ee["agreement_chunks"] >= 1 and 0.0 <= ee["token_agreement_pct"] <= 100.0
     assert ee["ratio_to_baseline"] is not None and "success_delta_pp" in ee
     assert rep["predictors"].endswith(EE.PREDICTOR_DIR)
+    # the decode steps' own ratio (SpecEE's metric) from the prefill / decode split of the AR decoder time
+    for r in rows.values():
+        assert r["mean_prefill_ms"] > 0 and r["mean_decode_ms"] > 0
+    assert ee["decode_ratio_to_baseline"] == pytest.approx(rows["full"]["mean_decode_ms"] / ee["mean_decode_ms"],
+                                                           rel=2e-3)
 
 
 def test_bench_arms_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,12 @@ def test_policy_act_on_dummy_env(mode: str, tmp_path: Path) -> None:
         for k in ("vision_ms", "decoder_ms", "head_ms", "tokens_per_layer", "exit_layer"):
             assert k in chunk.info
         assert chunk.info["exit_layer"] == 3 and len(chunk.info["tokens_per_layer"]) == 3
+        if mode == "ar":  # the decoder time split into the prefill pass and the one-token decode steps
+            assert chunk.info["prefill_ms"] > 0 and chunk.info["decode_ms"] > 0
+            assert chunk.info["prefill_ms"] + chunk.info["decode_ms"] == pytest.approx(chunk.info["decoder_ms"],
+                                                                                       abs=2e-3)
+        else:
+            assert "prefill_ms" not in chunk.info and "decode_ms" not in chunk.info
         assert chunk.stamp == obs.stamp
         obs = env.step(chunk.actions[0]).obs
 

@@ -166,6 +166,8 @@ def bench_earlyexit(env: str, policy: str, episodes: int, seed: int, out: Path |
         r["ratio_to_specprune"] = round(rows["specprune"]["latency_ms_p50"] / r["latency_ms_p50"], 3)
     base = rows["full"]
     for r in report["methods"]:
+        if base.get("mean_decode_ms") and r.get("mean_decode_ms"):  # AR: the decode steps alone (SpecEE's metric)
+            r["decode_ratio_to_baseline"] = round(base["mean_decode_ms"] / r["mean_decode_ms"], 3)
         if r["success_pct"] is not None and base["success_pct"] is not None:
             r["success_delta_pp"] = round(r["success_pct"] - base["success_pct"], 2)
     report["checkpoint"] = str(ck)
@@ -194,6 +196,8 @@ def format_earlyexit(report: dict[str, Any]) -> str:
                      f"{f(r.get('latency_ms_p50'), 8)} {f(r.get('latency_ms_p95'), 8)} "
                      f"{ratio(r)} {ratio(r, 'cpu_ratio_to_baseline')}"
                      + (f"  (vs specprune {r['ratio_to_specprune']:.2f}x)" if r.get("ratio_to_specprune") else "")
+                     + (f"  decode steps {r['decode_ratio_to_baseline']:.2f}x" if r.get("decode_ratio_to_baseline")
+                        and r["name"] != "full" else "")
                      + (f"  success vs full: {format_paired(r['paired'])}" if r.get("paired") else ""))
     return "\n".join(lines)
 

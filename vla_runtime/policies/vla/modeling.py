@@ -787,7 +787,9 @@ class VLAModel(nn.Module):
         """Normalised action chunk (B, chunk, A) for one observation batch.
 
         With B == 1 padding tokens are removed before the loop (positions keep their layout values, so the
-        result equals the padded computation); `timings` receives vision_ms / decoder_ms / head_ms.
+        result equals the padded computation); `timings` receives vision_ms / decoder_ms / head_ms, and in AR
+        mode also prefill_ms + decode_ms (= decoder_ms: the prefill pass and the one-token steps after it, the
+        part early exit can shorten; SpecEE's speed-ups are decode-phase numbers).
         """
         import time
 
@@ -827,6 +829,9 @@ class VLAModel(nn.Module):
             timings["vision_ms"] = (t1 - t0) * 1e3
             timings["decoder_ms"] = (t3 - t1) * 1e3 - head_ms
             timings["head_ms"] = head_ms
+            if "prefill_s" in ctx.extra:
+                timings["prefill_ms"] = ctx.extra.pop("prefill_s") * 1e3
+                timings["decode_ms"] = timings["decoder_ms"] - timings["prefill_ms"]
         return actions, ctx
 
     def _generate(self, h: torch.Tensor, pos: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor,
@@ -840,11 +845,15 @@ class VLAModel(nn.Module):
         B = h.shape[0]
         cache = LayerKVCache(self.n_layers)
         ctx.decode_step = -1
+        t_pre = time.perf_counter()
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx,
                                        cache=cache, bidirectional_suffix=False)
         if self.decode_fp32 and out.dtype != torch.float32 and out.device.type == "cpu":
             cache.to_dtype(torch.float32)  # batch-1 decoding is faster in float32 on the CPU (lean_layers.py)
             out = out.float()
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t_pre
         prefill_tokens = list(ctx.tokens_per_layer)
         exits = [ctx.exit_layer]
         head_s = 0.0
@@ -869,6 +878,7 @@ class VLAModel(nn.Module):
             exits.append(ctx.exit_layer)
         ctx.tokens_per_layer = prefill_tokens
         ctx.extra["decode_exit_layers"] = exits
+        ctx.extra["prefill_s"] = prefill_s
         all_bins = torch.cat(bins, 1).reshape(B, cfg.chunk_size, cfg.action_dim)
         return self.head.detokenize(all_bins), ctx, head_s * 1e3
 
