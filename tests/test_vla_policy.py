@@ -563,6 +563,9 @@ def test_deepen_copies_each_layer_into_consecutive_layers_and_trains_from_them(t
               drop_prob=0.0, init_from=deep)
     c = load_file(str(out / "model.safetensors"))
     assert set(c) == set(b) and all(torch.equal(c[k].float(), b[k]) for k in b)
+    with pytest.raises(UserError, match="already holds"):  # never overwrites a checkpoint
+        deepen_checkpoint(src, deep, factor=3)
+    assert VLAConfig.load(deep / "config.json").layers == 2 * n
     with pytest.raises(ValueError, match="factor"):
         deepen(a, n, 0)
     with pytest.raises(ValueError, match="layer"):

@@ -52,8 +52,10 @@ def deepen_checkpoint(src: str | Path, out: str | Path, factor: int = 2) -> Path
     cfg = VLAConfig.load(src / "config.json")
     if cfg.hf_decoder_dir:
         raise UserError(f"{src}: wraps a Hugging Face decoder; deepen only works on the built-in decoder")
-    sd = deepen(load_file(str(src / "model.safetensors")), cfg.layers, factor)
     out = Path(out)
+    if (out / "model.safetensors").exists():
+        raise UserError(f"{out} already holds a checkpoint; choose a new directory")
+    sd = deepen(load_file(str(src / "model.safetensors")), cfg.layers, factor)
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads((src / "config.json").read_text())
     raw["layers"] = cfg.layers * factor
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="directory for the deeper initial checkpoint")
     ap.add_argument("--factor", type=int, default=2)
     a = ap.parse_args(argv)
-    out = deepen_checkpoint(a.src, a.out, a.factor)
+    try:
+        out = deepen_checkpoint(a.src, a.out, a.factor)
+    except (UserError, ValueError) as e:
+        raise SystemExit(f"deepen: {e}") from None
     print(json.dumps({"out": str(out), "layers": VLAConfig.load(out / "config.json").layers}))
 
 
