@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vla_runtime.errors import UserError
 from vla_runtime.policies.vla.configuration import VLAConfig
@@ -44,9 +43,14 @@ def deepen(state_dict: dict[str, torch.Tensor], layers: int, factor: int) -> dic
 
 
 def deepen_checkpoint(src: str | Path, out: str | Path, factor: int = 2) -> Path:
-    """Write a checkpoint directory whose decoder is `factor` x deeper (see `deepen`); tokenizer and
-    normalisation are copied. Refuses checkpoints that wrap a Hugging Face decoder."""
+    """Write a checkpoint directory whose decoder is `factor` x deeper (see `deepen`) with the project's checkpoint
+    writer; tokenizer and normalisation are the source's. Refuses checkpoints that wrap a Hugging Face decoder."""
+    from dataclasses import replace
+
     from vla_runtime.policies import resolve_checkpoint
+    from vla_runtime.policies.vla.modeling import VLAModel
+    from vla_runtime.policies.vla.policy import save_checkpoint
+    from vla_runtime.policies.vla.tokenizer import load_tokenizer
 
     src = Path(resolve_checkpoint(str(src)))
     cfg = VLAConfig.load(src / "config.json")
@@ -55,16 +59,12 @@ def deepen_checkpoint(src: str | Path, out: str | Path, factor: int = 2) -> Path
     out = Path(out)
     if (out / "model.safetensors").exists():
         raise UserError(f"{out} already holds a checkpoint; choose a new directory")
-    sd = deepen(load_file(str(src / "model.safetensors")), cfg.layers, factor)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = json.loads((src / "config.json").read_text())
-    raw["layers"] = cfg.layers * factor
-    (out / "config.json").write_text(json.dumps(raw, indent=1))
-    for name in ("vla_tokenizer.json", "stats.json"):
-        shutil.copy(src / name, out / name)
-    save_file(sd, str(out / "model.safetensors"))
+    tok = load_tokenizer(src)
+    model = VLAModel(replace(cfg, layers=cfg.layers * factor), bos_id=tok.bos_id)
+    model.load_state_dict(deepen(load_file(str(src / "model.safetensors")), cfg.layers, factor), strict=True)
+    save_checkpoint(model, tok, json.loads((src / "stats.json").read_text()), out)
     (out / "train_info.json").write_text(json.dumps({"deepened_from": str(src), "factor": factor,
-                                                      "layers": raw["layers"]}, indent=1))
+                                                      "layers": model.n_layers}, indent=1))
     return out
 
 

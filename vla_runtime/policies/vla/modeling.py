@@ -822,22 +822,23 @@ class VLAModel(nn.Module):
             t3 = time.perf_counter()
             head_ms = (t3 - t2) * 1e3
         else:
-            actions, ctx, head_ms = self._generate(h, pos, kinds, valid, pruner, exit_policy, ctx)
+            actions, ctx, head_ms, t_prefilled = self._generate(h, pos, kinds, valid, pruner, exit_policy, ctx, sync)
             sync()
             t3 = time.perf_counter()
         if timings is not None:
             timings["vision_ms"] = (t1 - t0) * 1e3
             timings["decoder_ms"] = (t3 - t1) * 1e3 - head_ms
             timings["head_ms"] = head_ms
-            if "prefill_s" in ctx.extra:
-                timings["prefill_ms"] = ctx.extra.pop("prefill_s") * 1e3
+            if cfg.mode == "ar":
+                timings["prefill_ms"] = (t_prefilled - t1) * 1e3
                 timings["decode_ms"] = timings["decoder_ms"] - timings["prefill_ms"]
         return actions, ctx
 
     def _generate(self, h: torch.Tensor, pos: torch.Tensor, kinds: torch.Tensor, valid: torch.Tensor,
-                  pruner: TokenPruner | None, exit_policy: ExitPolicy | None, ctx: StepContext
-                  ) -> tuple[torch.Tensor, StepContext, float]:
-        """Greedy AR decoding of chunk*A action tokens with a per-layer KV cache."""
+                  pruner: TokenPruner | None, exit_policy: ExitPolicy | None, ctx: StepContext,
+                  sync: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, StepContext, float, float]:
+        """Greedy AR decoding of chunk*A action tokens with a per-layer KV cache. Returns the actions, the context,
+        the head's ms and the perf_counter time at which the prefill pass ended (`sync`ed first)."""
         import time
 
         cfg = self.cfg
@@ -845,15 +846,13 @@ class VLAModel(nn.Module):
         B = h.shape[0]
         cache = LayerKVCache(self.n_layers)
         ctx.decode_step = -1
-        t_pre = time.perf_counter()
         out, ctx = self.forward_layers(h, pos, kinds, valid, pruner=pruner, exit_policy=exit_policy, ctx=ctx,
                                        cache=cache, bidirectional_suffix=False)
         if self.decode_fp32 and out.dtype != torch.float32 and out.device.type == "cpu":
             cache.to_dtype(torch.float32)  # batch-1 decoding is faster in float32 on the CPU (lean_layers.py)
             out = out.float()
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        prefill_s = time.perf_counter() - t_pre
+        sync()
+        t_prefilled = time.perf_counter()
         prefill_tokens = list(ctx.tokens_per_layer)
         exits = [ctx.exit_layer]
         head_s = 0.0
@@ -878,9 +877,8 @@ class VLAModel(nn.Module):
             exits.append(ctx.exit_layer)
         ctx.tokens_per_layer = prefill_tokens
         ctx.extra["decode_exit_layers"] = exits
-        ctx.extra["prefill_s"] = prefill_s
         all_bins = torch.cat(bins, 1).reshape(B, cfg.chunk_size, cfg.action_dim)
-        return self.head.detokenize(all_bins), ctx, head_s * 1e3
+        return self.head.detokenize(all_bins), ctx, head_s * 1e3, t_prefilled
 
 
 def count_params(m: nn.Module) -> int:
